@@ -1,0 +1,60 @@
+"""The generation-backend protocol: token ids in, token ids + log-probs + finish reason out.
+
+The rollout engine (agent/rollout.py) talks to every sampler through this protocol and never sees
+text: it renders prompts and tool turns to ids itself (data/chat.py), so a backend only has to
+continue token sequences. HF transformers (agent/hf_backend.py) and vLLM implement it.
+
+Log-prob definition, shared with the trainer: for a sampled token t after prefix x,
+`log_softmax(logits(x) / temperature)[t]` -- the temperature-scaled distribution before top-p
+truncation, which is exactly what the trainer recomputes. Greedy decoding (or temperature 0)
+reports `log_softmax(logits)[t]`.
+
+Must not touch: chat templates, tools, rewards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Generation:
+    """One continuation of one prompt.
+
+    token_ids: the new tokens only; ends with the stop token when finish_reason == "stop".
+    logprobs: one float per token of token_ids (definition in the module docstring).
+    finish_reason: "stop" (a stop token id was sampled) or "length" (max_new_tokens reached).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_token_ids: list[int],
+        greedy: bool = False,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """One Generation per prompt, in order.
+
+        A prompt may appear several times (n samples of it); each copy is sampled independently
+        and a backend may share the prompt's prefill between copies. Generation stops at the
+        first stop token id (included in the output) or after max_new_tokens.
+        """
+        ...
+
+    def update_weights(self, model) -> None:
+        """Make later generate calls sample from `model`'s current weights."""
+        ...

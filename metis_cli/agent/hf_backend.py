@@ -1,0 +1,160 @@
+"""HF transformers generation backend: batched, left-padded, KV-cached sampling on the trainer's model.
+
+A hand-written decode loop rather than `model.generate`: it is simpler to make per-row stop ids,
+log-probs of the sampled token and dropping finished rows from the KV cache exact here than to
+thread them through generate's processors, and it has less per-step overhead on CPU (the
+comparison is in benchmarks/rollout_hf.py's docstring).
+
+Sampling: logits / temperature, then top-p (nucleus) truncation, then a multinomial draw. The
+reported log-prob is `log_softmax(logits / temperature)[token]`, before top-p, the quantity the
+trainer recomputes (agent/backend.py). Greedy (or temperature <= 0) takes the argmax and reports
+`log_softmax(logits)[token]`.
+
+Must not touch: chat templates and tools (agent/rollout.py owns multi-turn logic).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from metis_cli.agent.backend import Generation
+
+
+class HFBackend:
+    """Samples from `model` in place; shares the object with the trainer, so weight sync is free."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        self.model = model
+        self.batch_size = batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def update_weights(self, model) -> None:
+        # The trainer updates this very object; only a different object needs re-pointing.
+        self.model = model
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_token_ids: list[int],
+        greedy: bool = False,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        if max_new_tokens <= 0:
+            return [Generation([], [], "length") for _ in prompts]
+        greedy = greedy or temperature <= 0
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # Longest first, so each batch holds prompts of similar length (less padding).
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        results: list[Generation | None] = [None] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(order), self.batch_size):
+                    batch = order[start : start + self.batch_size]
+                    generations = self._generate_batch(
+                        [prompts[i] for i in batch],
+                        max_new_tokens=max_new_tokens,
+                        temperature=1.0 if greedy else temperature,
+                        top_p=top_p,
+                        stop_token_ids=stop_token_ids,
+                        greedy=greedy,
+                        generator=generator,
+                    )
+                    for index, generation in zip(batch, generations):
+                        results[index] = generation
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_token_ids: list[int],
+        greedy: bool,
+        generator: torch.Generator | None,
+    ) -> list[Generation]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :]
+        next_position = position_ids[:, -1] + 1
+        live_rows = list(range(len(prompts)))  # prompt index of each row still in the batch
+        tokens: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list[float]] = [[] for _ in prompts]
+        finish: list[str] = ["length"] * len(prompts)
+
+        for step in range(max_new_tokens):
+            token, logprob = _sample(logits.float(), temperature, top_p, greedy, generator)
+            is_stop = torch.isin(token, stop_ids)
+            for row, (t, lp, stopped) in enumerate(zip(token.tolist(), logprob.tolist(), is_stop.tolist())):
+                tokens[live_rows[row]].append(t)
+                logprobs[live_rows[row]].append(lp)
+                if stopped:
+                    finish[live_rows[row]] = "stop"
+            if step == max_new_tokens - 1 or bool(is_stop.all()):
+                break
+            if bool(is_stop.any()):
+                # Finished rows leave the batch and the KV cache: no compute is spent on them.
+                keep = (~is_stop).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                attention_mask, next_position, token = attention_mask[keep], next_position[keep], token[keep]
+                live_rows = [live_rows[i] for i in keep.tolist()]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(live_rows), 1))], dim=1)
+            logits = self.model(
+                input_ids=token[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1, :]
+            next_position = next_position + 1
+        return [Generation(t, lp, f) for t, lp, f in zip(tokens, logprobs, finish)]  # type: ignore[arg-type]
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], log-prob [B]) for logits [B, V]; log-prob is before top-p truncation."""
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    if greedy:
+        token = logprobs.argmax(dim=-1)
+    else:
+        probs = logprobs.exp()
+        if top_p < 1.0:
+            probs = _top_p_filter(probs, top_p)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return token, logprobs.gather(1, token[:, None]).squeeze(1)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest set whose mass reaches top_p (the top token always stays)."""
+    sorted_probs, sorted_index = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(1, sorted_index, sorted_probs)

@@ -1,0 +1,43 @@
+"""The `metis` Typer app: registers every command; heavy imports happen inside commands only."""
+
+from __future__ import annotations
+
+import typer
+
+from metis_cli import __version__
+from metis_cli.cli.completion import completion
+from metis_cli.cli.validate import validate
+
+app = typer.Typer(
+    name="metis",
+    help="Train tool-using LLM agents that know when NOT to call a tool (HDPO).",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"metis {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Train tool-using LLM agents that know when NOT to call a tool (HDPO).
+
+    Pipeline, one recipe for all stages: curate -> sft -> hdpo -> eval -> chat.
+    """
+
+
+app.command()(validate)
+app.command()(completion)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

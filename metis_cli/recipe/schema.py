@@ -1,0 +1,268 @@
+"""The recipe schema: one pydantic model per recipe section, every field typed, defaulted and described.
+
+One recipe YAML drives every stage (curate, sft, hdpo, eval, chat). This module only declares
+the shape; loading, `--set` overrides, `${section.field}` interpolation and error reporting live
+in `metis_cli.recipe.load`. No heavy imports here: `metis validate` must start instantly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys and NaN/inf numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    name: str = Field("metis-run", description="Run name; the run folder defaults to runs/<name>.")
+    output_dir: str = Field("runs/${run.name}", description="Run folder: resolved recipe, metrics, checkpoints, reports.")
+    seed: int = Field(0, description="Seed for data sampling, model init and generation.")
+    threads: int = Field(0, ge=0, description="Torch/OpenMP threads; 0 = the CPU cores this process may really use.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is present.")
+
+
+# --------------------------------------------------------------------------------------- model
+class TinyModelConfig(Section):
+    hidden_size: int = Field(128, gt=0, description="Hidden width of the tiny Qwen3 model.")
+    num_layers: int = Field(4, gt=0, description="Transformer layers.")
+    num_heads: int = Field(4, gt=0, description="Attention heads.")
+    intermediate_size: int = Field(512, gt=0, description="MLP width.")
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train a LoRA adapter instead of all weights.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get adapters.",
+    )
+    merge: bool = Field(False, description="Also save weights with the adapter merged in (final/merged).")
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(..., description="HF model folder or hub id (hub ids need network).")
+    build_tiny: TinyModelConfig | None = Field(
+        None, description="Build a tiny random-init Qwen3 + local tokenizer at name_or_path if it does not exist."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Passed to transformers from_pretrained.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (sft and hdpo).")
+
+
+# ---------------------------------------------------------------------------------------- data
+class DataSource(Section):
+    path: str = Field(
+        ...,
+        description="A .jsonl/.parquet file, a datasets save_to_disk folder, 'hf:NAME' for a datasets "
+        "source, or 'synthetic:<knowledge|cold_start|rl|eval>' for the built-in arithmetic task.",
+    )
+    split: str | None = Field(None, description="Split for datasets sources.")
+    layout: Literal["auto", "messages", "verl"] = Field("auto", description="Row layout.")
+    subset_field: str = Field("subset", description="Column naming the subset (e.g. easy/hard).")
+    limit: int | None = Field(None, gt=0, description="Use at most this many rows.")
+
+
+class SyntheticConfig(Section):
+    seed: int = Field(0, description="Seed of the synthetic generators.")
+    knowledge_examples: int = Field(4000, ge=0, description="Direct answers to easy questions (what a base model knows).")
+    cold_start_examples: int = Field(20000, ge=0, description="Cold-start tool-use trajectories.")
+    direct_answer_share: float = Field(
+        0.1, ge=0, le=1, description="Share of easy cold-start questions answered without the tool."
+    )
+    hard_share: float = Field(0.5, ge=0, le=1, description="Share of hard questions in cold-start and RL data.")
+    rl_prompts: int = Field(2000, ge=0, description="RL prompts.")
+    eval_per_subset: int = Field(100, gt=0, description="Held-out eval prompts per subset (easy, hard).")
+
+
+class DataConfig(Section):
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig, description="Parameters of 'synthetic:' sources."
+    )
+    rl: list[DataSource] = Field(default_factory=list, description="RL prompt sets (hdpo).")
+    eval: list[DataSource] = Field(default_factory=list, description="Held-out eval sets (hdpo eval, metis eval).")
+    malformed_rows: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first malformed row; skip: report and drop it."
+    )
+
+
+# --------------------------------------------------------------------------------------- tools
+class PythonToolConfig(Section):
+    wall_timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit per python call.")
+    cpu_time_s: int = Field(5, gt=0, description="CPU-seconds limit per python call.")
+    memory_mb: int = Field(512, gt=0, description="Address-space cap of the sandboxed process.")
+    output_bytes: int = Field(16384, gt=0, description="Output kept from stdout+stderr; the rest is cut.")
+    max_processes: int = Field(16, gt=0, description="Process/thread cap inside the sandbox.")
+    sandbox: Literal["auto", "bwrap", "unshare", "none"] = Field(
+        "auto", description="auto = strongest available (bwrap > unshare > in-process socket denial)."
+    )
+
+
+class SearchToolConfig(Section):
+    corpus: str | None = Field(None, description="JSONL corpus with {id, text[, title]} per line.")
+    top_k: int = Field(3, gt=0, description="Documents returned per query.")
+
+
+class ToolCost(Section):
+    usd_per_call: float = Field(0.0, ge=0, description="Price of one call, for eval's tool economy.")
+    latency_s: float = Field(0.0, ge=0, description="Typical latency of one call in production.")
+
+
+class ToolsConfig(Section):
+    enabled: list[Literal["calculator", "python", "search"]] = Field(
+        default_factory=lambda: ["calculator"], description="Tools the agent may call."
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit of one tool call.")
+    max_calls_per_rollout: int = Field(4, ge=0, description="Calls beyond this get an error observation.")
+    max_concurrency: int = Field(8, gt=0, description="Tool calls in flight at once across rollouts.")
+    python: PythonToolConfig = Field(default_factory=PythonToolConfig, description="Python sandbox limits.")
+    search: SearchToolConfig = Field(default_factory=SearchToolConfig, description="BM25 search settings.")
+    costs: dict[str, ToolCost] = Field(default_factory=dict, description="Per-tool price/latency for eval.")
+
+
+# ------------------------------------------------------------------------------------- rollout
+class VllmConfig(Section):
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of GPU memory (on CPU vLLM: of the KV-cache RAM budget)."
+    )
+    max_model_len: int = Field(4096, gt=0, description="Longest sequence vLLM will serve.")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prefixes.")
+
+
+class RolloutConfig(Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
+    max_turns: int = Field(10, gt=0, description="Assistant turns per rollout (tool calls + answer).")
+    max_new_tokens: int = Field(512, gt=0, description="Tokens generated per assistant turn.")
+    max_total_tokens: int = Field(4096, gt=0, description="Whole rollout length cap (prompt + all turns).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature for RL rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for RL rollouts.")
+    batch_size: int = Field(64, gt=0, description="Sequences per generate call (hf backend).")
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
+
+
+# -------------------------------------------------------------------------------------- reward
+class JudgeConfig(Section):
+    base_url: str = Field(..., description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
+    model: str = Field(..., description="Judge model name at that endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    max_retries: int = Field(3, ge=0, description="Retries with exponential backoff before 'unscored'.")
+    backoff_s: float = Field(1.0, ge=0, description="First backoff delay.")
+    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
+
+
+class RewardConfig(Section):
+    checker: Literal["exact", "numeric", "math_verify", "judge"] = Field(
+        "math_verify", description="How an extracted <answer> is compared with the gold answer."
+    )
+    acc_weight: float = Field(0.9, ge=0, description="r_acc = acc_weight*correct + format_weight*format_ok.")
+    format_weight: float = Field(0.1, ge=0, description="Weight of the format reward inside r_acc.")
+    judge: JudgeConfig | None = Field(None, description="LLM judge (required when checker is 'judge').")
+
+
+# ----------------------------------------------------------------------------------------- sft
+class SftPhase(Section):
+    data: list[DataSource] = Field(..., min_length=1, description="Trajectory sets trained in this phase.")
+    epochs: float = Field(1.0, gt=0, description="Passes over this phase's data.")
+
+
+class SftConfig(Section):
+    init_from: str = Field("${model.name_or_path}", description="Model to start from.")
+    output: str = Field("${run.output_dir}/sft", description="Stage folder (metrics, checkpoints, final/).")
+    phases: list[SftPhase] = Field(default_factory=list, description="Trained in order (e.g. knowledge, then cold start).")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of steps with linear warmup.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
+    max_seq_len: int = Field(4096, gt=0, description="Longer conversations are dropped (and counted).")
+    eval_share: float = Field(0.02, ge=0, lt=1, description="Held-out share for eval loss.")
+    eval_every: int = Field(200, gt=0, description="Steps between held-out eval-loss passes.")
+    save_every: int = Field(500, gt=0, description="Steps between checkpoints.")
+
+
+# ---------------------------------------------------------------------------------------- hdpo
+class CoupledConfig(Section):
+    mode: Literal["penalty", "bonus"] = Field(
+        "penalty", description="penalty: r_acc - coef*T; bonus: r_acc + coef*r_tool."
+    )
+    coef: float = Field(0.1, ge=0, description="lambda (penalty) or alpha (bonus).")
+
+
+class HdpoConfig(Section):
+    estimator: Literal["hdpo", "grpo", "coupled", "gdpo"] = Field(
+        "hdpo", description="hdpo: decoupled channels; grpo: accuracy only; coupled: one scalar; gdpo: per-reward norm."
+    )
+    init_from: str = Field("${sft.output}/final", description="Policy to start RL from.")
+    output: str = Field("${run.output_dir}/hdpo", description="Stage folder (metrics, rollouts, checkpoints, final/).")
+    steps: int = Field(500, gt=0, description="RL steps (one batch of prompts each).")
+    prompts_per_step: int = Field(16, gt=0, description="Prompts per step.")
+    group_size: int = Field(16, gt=0, description="Rollouts per prompt (G).")
+    w_acc: float = Field(1.0, ge=0, description="Weight of the accuracy-channel loss.")
+    w_tool: float = Field(0.15, ge=0, description="Weight of the efficiency-channel loss (paper: 0.15).")
+    clip_eps: float = Field(0.2, gt=0, description="PPO clip range.")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the frozen initial policy (paper: 0).")
+    lr: float = Field(1e-6, gt=0, description="Learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
+    ppo_epochs: int = Field(1, gt=0, description="Optimizer passes over each batch of rollouts.")
+    micro_batch_size: int = Field(16, gt=0, description="Rollouts per forward/backward.")
+    coupled: CoupledConfig = Field(default_factory=CoupledConfig, description="Settings of the coupled baseline.")
+    drop_no_signal_groups: bool = Field(False, description="Skip groups whose accuracy advantages are all zero.")
+    unscored_retries: int = Field(1, ge=0, description="Re-score attempts for rollouts the judge could not score.")
+    eval_every: int = Field(10, gt=0, description="Steps between greedy held-out evals (also at step 0).")
+    save_every: int = Field(50, gt=0, description="Steps between checkpoints.")
+    sample_every: int = Field(10, gt=0, description="Steps between saved rollout samples.")
+    samples_to_save: int = Field(16, ge=0, description="Rollouts written per sample file.")
+
+
+# ---------------------------------------------------------------------------------- eval, chat
+class EvalConfig(Section):
+    output: str = Field("${run.output_dir}/eval", description="Where report.json/report.md/plot.png go.")
+    models: list[str] = Field(
+        default_factory=lambda: ["${sft.output}/final", "${hdpo.output}/final"],
+        description="Models compared when --model is not given.",
+    )
+    samples: int = Field(1, gt=0, description="Samples per question; > 1 turns on sampling and pass@k.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature when samples > 1.")
+    max_questions: int | None = Field(None, gt=0, description="Cap per subset (quick checks).")
+
+
+class ChatConfig(Section):
+    system_prompt: str | None = Field(None, description="System prompt; default: the task's.")
+    max_turns: int = Field(10, gt=0, description="Assistant turns per answer.")
+    max_new_tokens: int = Field(512, gt=0, description="Tokens per assistant turn.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+
+
+# ------------------------------------------------------------------------------------ curate
+class CurateConfig(Section):
+    input: list[DataSource] = Field(default_factory=list, description="Trajectories to curate.")
+    output: str = Field("${run.output_dir}/curated", description="Folder for curated data and report.json.")
+
+
+class Recipe(Section):
+    """A whole recipe: one YAML for every stage."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name, folder, seed, threads, device.")
+    model: ModelConfig = Field(..., description="Base model (and tiny-model build, LoRA).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
+    tools: ToolsConfig = Field(default_factory=ToolsConfig, description="Tools and their limits.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Multi-turn generation.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Answer checking and reward weights.")
+    sft: SftConfig = Field(default_factory=SftConfig, description="Cold-start supervised fine-tuning.")
+    hdpo: HdpoConfig = Field(default_factory=HdpoConfig, description="RL with HDPO and baselines.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="metis eval.")
+    chat: ChatConfig = Field(default_factory=ChatConfig, description="metis chat.")
+    curate: CurateConfig = Field(default_factory=CurateConfig, description="metis curate.")

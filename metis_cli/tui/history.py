@@ -1,0 +1,166 @@
+"""The dashboard's memory of one stage: metrics.jsonl records merged per step, and what they imply.
+
+Records for the same step are merged (an eval line may follow the train line of its step), and a
+step logged again after a resume replaces the earlier values, so charts show one value per step.
+Derived numbers (ETA, warning totals, eval subsets) are computed here, not in widgets.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from typing import Any, Iterable
+
+# Per-step counters that mean something went wrong; shown as warnings (key -> words for a person).
+WARNING_COUNTERS = {
+    "tool_timeouts": "tool timeouts",
+    "unscored": "unscored",
+    "tool_errors": "tool errors",
+    "malformed_tool_calls": "malformed calls",
+}
+
+# Steps whose timing feeds the ETA: recent enough to follow a slowdown, many enough to be steady.
+ETA_WINDOW_STEPS = 20
+
+
+def as_number(value: Any) -> float | None:
+    """A finite float, or None for anything else (bools, strings, NaN, missing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+class MetricsHistory:
+    """Records of one stage by step, ascending."""
+
+    def __init__(self) -> None:
+        self._steps: list[int] = []
+        self._by_step: dict[int, dict] = {}
+        self.records_without_step = 0
+
+    def add(self, records: Iterable[dict]) -> int:
+        """Merge records in; returns how many had a usable step."""
+        added = 0
+        for record in records:
+            step = record.get("step")
+            if isinstance(step, bool) or not isinstance(step, int):
+                self.records_without_step += 1
+                continue
+            if step in self._by_step:
+                self._by_step[step] = {**self._by_step[step], **record}
+            else:
+                bisect.insort(self._steps, step)
+                self._by_step[step] = dict(record)
+            added += 1
+        return added
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    @property
+    def records(self) -> list[dict]:
+        return [self._by_step[step] for step in self._steps]
+
+    @property
+    def latest_step(self) -> int | None:
+        return self._steps[-1] if self._steps else None
+
+    def latest(self, key: str) -> Any:
+        """The newest value logged for `key` (None if never logged)."""
+        for step in reversed(self._steps):
+            if key in self._by_step[step]:
+                return self._by_step[step][key]
+        return None
+
+    def latest_number(self, key: str) -> float | None:
+        for step in reversed(self._steps):
+            number = as_number(self._by_step[step].get(key))
+            if number is not None:
+                return number
+        return None
+
+    def first_number(self, key: str) -> float | None:
+        for step in self._steps:
+            number = as_number(self._by_step[step].get(key))
+            if number is not None:
+                return number
+        return None
+
+    def series(self, key: str, max_points: int | None = None) -> tuple[list[float], list[float]]:
+        """(steps, values) where `key` has a number; averaged into `max_points` buckets if longer."""
+        steps: list[float] = []
+        values: list[float] = []
+        for step in self._steps:
+            number = as_number(self._by_step[step].get(key))
+            if number is not None:
+                steps.append(float(step))
+                values.append(number)
+        if max_points is not None and len(steps) > max_points:
+            return _bucket_means(steps, max_points), _bucket_means(values, max_points)
+        return steps, values
+
+    @property
+    def total_steps(self) -> int | None:
+        number = self.latest_number("total_steps")
+        return int(number) if number is not None else None
+
+    @property
+    def last_checkpoint(self) -> str | None:
+        value = self.latest("checkpoint")
+        return str(value) if value else None
+
+    def total(self, key: str) -> float:
+        """Sum of a per-step counter over the run."""
+        return sum(as_number(self._by_step[step].get(key)) or 0.0 for step in self._steps)
+
+    def warning_totals(self) -> dict[str, int]:
+        """Nonzero warning counters summed over the run, keyed by the words to show."""
+        totals = {words: int(self.total(key)) for key, words in WARNING_COUNTERS.items()}
+        return {words: count for words, count in totals.items() if count > 0}
+
+    def eval_subsets(self) -> list[str]:
+        """Subsets with held-out eval numbers (`eval/<subset>/<metric>` keys), sorted."""
+        subsets = set()
+        for step in self._steps:
+            for key in self._by_step[step]:
+                if key.startswith("eval/") and key.count("/") >= 2:
+                    subsets.add(key.split("/")[1])
+        return sorted(subsets)
+
+    def seconds_per_step(self) -> float | None:
+        """Median step time over the recent window: logged `step_s`, else gaps between `time`s."""
+        recent = self._steps[-ETA_WINDOW_STEPS:]
+        logged = [as_number(self._by_step[step].get("step_s")) for step in recent]
+        durations = [seconds for seconds in logged if seconds is not None and seconds > 0]
+        if not durations:
+            timed = [(step, as_number(self._by_step[step].get("time"))) for step in recent]
+            timed = [(step, at) for step, at in timed if at is not None]
+            durations = [
+                (later_at - earlier_at) / (later_step - earlier_step)
+                for (earlier_step, earlier_at), (later_step, later_at) in zip(timed, timed[1:])
+                if later_step > earlier_step and later_at >= earlier_at
+            ]
+        return statistics.median(durations) if durations else None
+
+    def eta_s(self) -> float | None:
+        """Seconds until `total_steps`, at the recent pace (None when unknown)."""
+        total, step, pace_s = self.total_steps, self.latest_step, self.seconds_per_step()
+        if total is None or step is None or pace_s is None:
+            return None
+        return max(0, total - step) * pace_s
+
+    @property
+    def reached_total(self) -> bool:
+        total, step = self.total_steps, self.latest_step
+        return total is not None and step is not None and step >= total
+
+
+def _bucket_means(values: list[float], buckets: int) -> list[float]:
+    size = len(values) / buckets
+    means = []
+    for index in range(buckets):
+        chunk = values[int(index * size) : max(int((index + 1) * size), int(index * size) + 1)]
+        means.append(sum(chunk) / len(chunk))
+    return means
