@@ -36,8 +36,8 @@ def close(actual, expected, tol=1e-5):
 def rewards_for(correct, tool_calls, well_formed=None):
     """r_acc and r_tool as DESIGN.md defines them."""
     well_formed = well_formed or [1] * len(correct)
-    r_acc = [0.9 * c + 0.1 * f for c, f in zip(correct, well_formed)]
-    r_tool = [1 / (n + 1) if c else 0.0 for c, n in zip(correct, tool_calls)]
+    r_acc = [0.9 * c + 0.1 * f for c, f in zip(correct, well_formed, strict=True)]
+    r_tool = [1 / (n + 1) if c else 0.0 for c, n in zip(correct, tool_calls, strict=True)]
     return t(r_acc), t(r_tool)
 
 

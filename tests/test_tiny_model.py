@@ -117,8 +117,8 @@ def test_tool_calls_field_and_text_form_render_identically(tokenizer):
         {"type": "function",
          "function": {"name": "calculator", "arguments": {"expression": expression}}}]},
         *as_text[3:]]
-    render = lambda messages: tokenizer.apply_chat_template(messages, tools=TOOLS, tokenize=False)
-    assert render(as_field) == render(as_text)
+    assert (tokenizer.apply_chat_template(as_field, tools=TOOLS, tokenize=False)
+            == tokenizer.apply_chat_template(as_text, tools=TOOLS, tokenize=False))
 
 
 def test_assistant_mask_covers_exactly_what_the_assistant_wrote(tokenizer):

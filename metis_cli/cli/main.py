@@ -6,6 +6,7 @@ import typer
 
 from metis_cli import __version__
 from metis_cli.cli.completion import completion
+from metis_cli.cli.train import hdpo, run, sft
 from metis_cli.cli.validate import validate
 
 app = typer.Typer(
@@ -34,6 +35,9 @@ def _root(
     """
 
 
+app.command()(run)
+app.command()(sft)
+app.command()(hdpo)
 app.command()(validate)
 app.command()(completion)
 

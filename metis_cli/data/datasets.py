@@ -16,8 +16,9 @@ Assistant messages in OpenAI's native `tool_calls` form are rewritten into the t
 templates use, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
 
 Every malformed row raises DataError naming the file, the line (JSONL, 1-based) or row (tables,
-0-based) and what is wrong. `datasets` and `pyarrow` are imported only inside functions so that
-the CLI starts without them. Chat templating and tokenisation live elsewhere (data/chat*).
+0-based) and what is wrong; with malformed_rows="skip" it is dropped and reported instead.
+`datasets` and `pyarrow` are imported only inside functions so that the CLI starts without them.
+Chat templating and tokenisation live elsewhere (data/chat.py).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class Example:
 
 @dataclass
 class SourceSpec:
-    """Where examples come from; mirrors the recipe's `data` DataSource fields."""
+    """Where examples come from; mirrors the recipe's DataSource. `split` only applies to
+    `datasets` sources (saved DatasetDicts, hf:); plain files have no splits."""
 
     path: str
     split: str | None = None
@@ -87,7 +89,7 @@ def as_source(source: Any = None, **overrides: Any) -> SourceSpec:
     values.update(overrides)
     values = {key: value for key, value in values.items() if value is not None}
     if "path" not in values:
-        raise DataError("data source has no path; set e.g. `data.train.path: data/train.jsonl`")
+        raise DataError("data source has no `path`; name a file, a saved dataset folder or hf:NAME")
     spec = SourceSpec(**{k: v for k, v in values.items() if k in SourceSpec.__dataclass_fields__})
     spec.path = str(spec.path)
     if spec.layout not in LAYOUTS:
@@ -108,15 +110,8 @@ def load_examples(
     **overrides: Any,
 ) -> list[Example]:
     """All examples of a source (see module docstring and iter_examples)."""
-    return list(
-        iter_examples(
-            source,
-            need_answer=need_answer,
-            malformed_rows=malformed_rows,
-            skipped=skipped,
-            **overrides,
-        )
-    )
+    options = {"need_answer": need_answer, "malformed_rows": malformed_rows, "skipped": skipped}
+    return list(iter_examples(source, **options, **overrides))
 
 
 def iter_examples(
@@ -188,13 +183,16 @@ def _iter_rows(spec: SourceSpec) -> RawRows:
 
 
 def _iter_jsonl(path: Path) -> RawRows:
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
+    # Binary lines decoded one by one, so a bad byte is reported on its own line number.
+    with path.open("rb") as lines:
+        for line_number, raw_line in enumerate(lines, start=1):
+            if not raw_line.strip():
                 continue
             where = f"{path} line {line_number}"
             try:
-                row = json.loads(line)
+                row = json.loads(raw_line.decode("utf-8").lstrip("\ufeff"))
+            except UnicodeDecodeError:
+                row = DataError(f"{where}: not UTF-8 text; save the file as UTF-8 JSON lines")
             except json.JSONDecodeError as error:
                 # Yielded, not raised, so that malformed_rows="skip" can move on to the next line.
                 row = DataError(
@@ -205,7 +203,10 @@ def _iter_jsonl(path: Path) -> RawRows:
 
 
 def _iter_json(path: Path) -> RawRows:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save the file as UTF-8 JSON") from None
     if not text.lstrip().startswith("["):
         yield from _iter_jsonl(path)  # many ".json" files are really JSON lines
         return
@@ -306,54 +307,31 @@ def _row_to_example(
                 f"fields present: {sorted(row)}"
             )
     if layout == "messages":
-        return _messages_example(row, where, spec, need_answer, fallback_id)
-    return _verl_example(row, where, spec, need_answer, fallback_id)
-
-
-def _messages_example(
-    row: dict, where: str, spec: SourceSpec, need_answer: bool, fallback_id: str
-) -> Example:
-    if row.get("messages") is None:
-        raise DataError(f"{where}: missing `messages` (a list of chat messages)")
-    conversation = _normalise_messages(row["messages"], where, "messages")
-    prompt, trajectory = _split_prompt(conversation, where, "messages")
-    answer = _answer_text(row.get("answer"), where, "answer", need_answer)
-    consumed = {"messages", "answer", "id", "images", spec.subset_field}
-    return Example(
-        id=str(row["id"]) if row.get("id") is not None else fallback_id,
-        messages=prompt,
-        answer=answer,
-        subset=_subset(row.get(spec.subset_field)),
-        images=_as_list(row.get("images")),
-        trajectory=trajectory,
-        meta={key: value for key, value in row.items() if key not in consumed},
-    )
-
-
-def _verl_example(
-    row: dict, where: str, spec: SourceSpec, need_answer: bool, fallback_id: str
-) -> Example:
-    if row.get("prompt") is None:
-        raise DataError(f"{where}: missing `prompt` (verl layout: a list of chat messages)")
-    conversation = _normalise_messages(row["prompt"], where, "prompt")
-    prompt, trajectory = _split_prompt(conversation, where, "prompt")
-    reward_model = row.get("reward_model") or {}
-    if not isinstance(reward_model, dict):
-        raise DataError(f"{where}: `reward_model` must be an object with `ground_truth`")
-    answer = _answer_text(
-        reward_model.get("ground_truth"), where, "reward_model.ground_truth", need_answer
-    )
-    extra_info = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
-    if extra_info.get("index") is not None:
-        example_id = str(extra_info["index"])
+        conversation_field, answer_field = "messages", "answer"
+        answer_value, row_id = row.get("answer"), row.get("id")
+        subset = row.get(spec.subset_field)
+        consumed = {"messages", "answer", "id", "images", spec.subset_field}
     else:
-        example_id = str(row["id"]) if row.get("id") is not None else fallback_id
-    consumed = {"prompt", "images", "reward_model", "data_source", "id", spec.subset_field}
+        conversation_field, answer_field = "prompt", "reward_model.ground_truth"
+        reward_model = row.get("reward_model") or {}
+        if not isinstance(reward_model, dict):
+            raise DataError(f"{where}: `reward_model` must be an object with `ground_truth`")
+        answer_value = reward_model.get("ground_truth")
+        extra_info = row.get("extra_info") if isinstance(row.get("extra_info"), dict) else {}
+        row_id = extra_info.get("index")
+        row_id = row.get("id") if row_id is None else row_id
+        subset = row.get(spec.subset_field) or row.get("data_source")
+        consumed = {"prompt", "images", "reward_model", "data_source", "id", spec.subset_field}
+
+    if row.get(conversation_field) is None:
+        raise DataError(f"{where}: missing `{conversation_field}` (a list of chat messages)")
+    conversation = _normalise_messages(row[conversation_field], where, conversation_field)
+    prompt, trajectory = _split_prompt(conversation, where, conversation_field)
     return Example(
-        id=example_id,
+        id=str(row_id) if row_id is not None else fallback_id,
         messages=prompt,
-        answer=answer,
-        subset=_subset(row.get(spec.subset_field) or row.get("data_source")),
+        answer=_answer_text(answer_value, where, answer_field, need_answer),
+        subset=str(subset) if subset not in (None, "") else DEFAULT_SUBSET,
         images=_as_list(row.get("images")),
         trajectory=trajectory,
         meta={key: value for key, value in row.items() if key not in consumed},
@@ -433,10 +411,6 @@ def _answer_text(value: Any, where: str, field_name: str, need_answer: bool) -> 
             f"{where}: `{field_name}` must be a string or a number, got {type(value).__name__}"
         )
     return str(value).strip()
-
-
-def _subset(value: Any) -> str:
-    return str(value) if value not in (None, "") else DEFAULT_SUBSET
 
 
 def _as_list(value: Any) -> list:

@@ -3,7 +3,7 @@
 The judge answers "is this prediction correct?" with yes or no. Unlike the reference trainer,
 which counts a failed judge call as "incorrect", a call that keeps failing or a reply that is
 neither yes nor no is returned as None ("unscored"): the rollout is then excluded from its group
-and counted in the `unscored` metric. Transient errors (connection, timeout, 429, 5xx) are
+and counted in the `unscored` metric. Failed calls (connection, timeout, 429, 5xx, ...) are
 retried with exponential backoff. A rejected key or an unknown model/endpoint is a configuration
 mistake and raises MetisError at once instead of silently unscoring every rollout.
 """
@@ -14,8 +14,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 from metis_cli.errors import MetisError
 
@@ -29,7 +27,7 @@ _VERDICT = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 
 
 def parse_verdict(reply: str | None) -> bool | None:
-    """"Yes." / "**no**" -> True / False; anything else -> None."""
+    """Map a reply starting with yes / no ("Yes.", "**no**") to True / False; else None."""
     match = _VERDICT.match(reply or "")
     if not match:
         return None
@@ -38,6 +36,8 @@ def parse_verdict(reply: str | None) -> bool | None:
 
 class OpenAIJudge:
     """Scores (question, prediction, gold) triples with a chat model behind `base_url`.
+
+    Thread-safe: `rewards/batch.py` calls score() from a thread pool.
 
     The API key is read from the environment variable `api_key_env`; when it is unset the
     placeholder "EMPTY" is sent, which local OpenAI-compatible servers (vLLM) accept.
@@ -116,10 +116,3 @@ class OpenAIJudge:
                 log.warning("judge reply is neither yes nor no: %r", (reply or "")[:200])
             return verdict
         return None
-
-    def score_many(
-        self, items: Iterable[tuple[str, str | None, str]], max_concurrency: int = 8
-    ) -> list[bool | None]:
-        """score() for many (question, prediction, gold) triples, `max_concurrency` at a time."""
-        with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
-            return list(pool.map(lambda item: self.score(*item), items))

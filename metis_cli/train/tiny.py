@@ -254,8 +254,9 @@ def _random_qwen3(tokenizer, hidden_size, num_layers, num_heads, intermediate_si
         pad_token_id=pad_id,
         dtype="float32",
     )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).to(torch.float32)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config).to(torch.float32)
     model.generation_config = GenerationConfig(
         bos_token_id=pad_id, eos_token_id=end_of_turn_id, pad_token_id=pad_id
     )

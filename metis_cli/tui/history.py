@@ -14,10 +14,10 @@ from typing import Any, Iterable
 
 # Per-step counters that mean something went wrong; shown as warnings (key -> words for a person).
 WARNING_COUNTERS = {
-    "tool_timeouts": "tool timeouts",
+    "tool_timeouts": "timeouts",
     "unscored": "unscored",
     "tool_errors": "tool errors",
-    "malformed_tool_calls": "malformed calls",
+    "malformed_tool_calls": "malformed",
 }
 
 # Steps whose timing feeds the ETA: recent enough to follow a slowdown, many enough to be steady.
@@ -62,6 +62,10 @@ class MetricsHistory:
     @property
     def records(self) -> list[dict]:
         return [self._by_step[step] for step in self._steps]
+
+    @property
+    def latest_record(self) -> dict:
+        return self._by_step[self._steps[-1]] if self._steps else {}
 
     @property
     def latest_step(self) -> int | None:
@@ -128,6 +132,12 @@ class MetricsHistory:
                 if key.startswith("eval/") and key.count("/") >= 2:
                     subsets.add(key.split("/")[1])
         return sorted(subsets)
+
+    def latest_eval_step(self) -> int | None:
+        for step in reversed(self._steps):
+            if any(key.startswith("eval/") for key in self._by_step[step]):
+                return step
+        return None
 
     def seconds_per_step(self) -> float | None:
         """Median step time over the recent window: logged `step_s`, else gaps between `time`s."""

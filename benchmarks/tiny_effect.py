@@ -1,0 +1,94 @@
+"""Benchmark: the paper's effect on the embedded tiny recipe, HDPO vs its baselines.
+
+Runs `recipes/tiny.yaml` end to end on this CPU: cold-start SFT once, then RL from the same SFT
+model with each estimator (hdpo, grpo, coupled with a small and a large tool-call penalty), and
+reports held-out greedy accuracy and tool-call ratio per subset before and after RL, the share
+of groups with |Q| >= 2 over training (the implicit curriculum), and wall times.
+
+Run:   .venv/bin/python benchmarks/tiny_effect.py [--out benchmarks/results/tiny_effect] [--only hdpo]
+Output: <out>/results.json and <out>/results.md (the README table comes from here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "hdpo": ["hdpo.estimator=hdpo"],
+    "grpo": ["hdpo.estimator=grpo"],
+    "coupled-0.1": ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=0.1"],
+    "coupled-1.0": ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=1.0"],
+}
+
+
+def metis(args: list[str]) -> float:
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "metis_cli", *args], cwd=REPO, check=True)
+    return time.time() - start
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def curriculum(records: list[dict]) -> list[float]:
+    return [r["efficiency_group_share"] for r in records if "efficiency_group_share" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tiny_effect")
+    parser.add_argument("--only", nargs="*", default=list(VARIANTS))
+    args = parser.parse_args()
+    out = args.out.resolve()
+    run_dir = out / "run"
+    base = [f"run.output_dir={run_dir}"]
+    results: dict = {"variants": {}}
+    sft_dir = run_dir / "sft"
+    if not (sft_dir / "DONE.json").exists():
+        results["sft_s"] = metis(["sft", "recipes/tiny.yaml", "--overwrite", "--quiet", *sets(base)])
+    for name in args.only:
+        stage_dir = run_dir / f"hdpo-{name}"
+        seconds = metis(["hdpo", "recipes/tiny.yaml", "--overwrite", "--quiet",
+                         *sets(base + VARIANTS[name] + [f"hdpo.output={stage_dir}"])])
+        done = json.loads((stage_dir / "DONE.json").read_text())
+        records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+        share = curriculum(records)
+        third = max(1, len(share) // 3)
+        results["variants"][name] = {
+            "hdpo_s": round(seconds, 1), "before": done["eval_first"], "after": done["eval_last"],
+            "efficiency_group_share_first_third": sum(share[:third]) / third,
+            "efficiency_group_share_last_third": sum(share[-third:]) / third,
+        }
+        print(json.dumps({name: results["variants"][name]}), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    lines = ["| estimator | easy acc | easy tool ratio | hard acc | hard tool ratio | share of groups with \\|Q\\|>=2 (first -> last third) | RL wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in results["variants"].items():
+        b, a = v["before"], v["after"]
+
+        def pair(subset: str, key: str) -> str:
+            return f"{b[subset][key]:.0%} -> {a[subset][key]:.0%}"
+
+        lines.append(f"| {name} | {pair('easy', 'accuracy')} | {pair('easy', 'tool_call_ratio')} | "
+                     f"{pair('hard', 'accuracy')} | {pair('hard', 'tool_call_ratio')} | "
+                     f"{v['efficiency_group_share_first_third']:.2f} -> {v['efficiency_group_share_last_third']:.2f} | {v['hdpo_s']} |")
+    if "sft_s" in results:
+        lines.append(f"\nSFT (cold start) wall time: {results['sft_s']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The `python` tool: run model-written code in a sandboxed interpreter and return what it printed.
+
+One call = one fresh temporary folder (the only writable place, removed afterwards), one process
+tree in its own session, limits on wall clock, CPU time, memory, processes, file size and output
+bytes, a scrubbed environment and no network. The base interpreter (not the venv's) runs with
+`-I -S`, so model code sees the standard library only, never the project's packages. How strong
+the isolation is depends on the layer available here (sandbox_isolation.py); the limits are set
+by sandbox_prelude.py inside the sandbox.
+
+Model mistakes and limit hits come back as error observations, never as exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from metis_cli.agent.tools.base import ToolErrorKind, ToolResult
+from metis_cli.agent.tools.pids_cgroup import PidsCgroup
+from metis_cli.agent.tools.sandbox_isolation import choose_isolation, layer_command, scrubbed_env, warn_once
+from metis_cli.agent.tools.sandbox_prelude import CPU_LIMIT_EXIT_STATUS
+
+_PRELUDE_SOURCE = Path(__file__).with_name("sandbox_prelude.py").read_text(encoding="utf-8")
+# bwrap's outer monitor and the namespace's pid 1 run beside the model's processes.
+_LAUNCHER_PROCESSES = 2
+_OPEN_FILES = 64
+_READ_CHUNK_BYTES = 65536
+# After the code exits, output still in the pipe is read for at most this long.
+_DRAIN_GRACE_S = 0.5
+
+
+@dataclass(frozen=True)
+class PythonLimits:
+    """Per-call limits (recipe `tools.python`)."""
+
+    wall_timeout_s: float = 10.0
+    cpu_time_s: int = 5
+    memory_mb: int = 512  # address space; also the largest file the code may write
+    output_bytes: int = 16384
+    max_processes: int = 16  # processes and threads, the interpreter included
+
+
+@dataclass
+class _Run:
+    output: bytes
+    exit_status: int | None  # None when the process was stopped by us
+    timed_out: bool
+    overflowed: bool
+
+
+def _kill_group(process_group: int) -> None:
+    try:
+        os.killpg(process_group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _read_capped(stream: asyncio.StreamReader, buffer: bytearray, cap: int) -> None:
+    """Append the stream to buffer until EOF or until it holds more than cap bytes."""
+    while len(buffer) <= cap:
+        chunk = await stream.read(_READ_CHUNK_BYTES)
+        if not chunk:
+            return
+        buffer += chunk
+
+
+async def _run_capped(command: list[str], *, cwd: str, env: dict, limits: PythonLimits) -> _Run:
+    """Run command in a new session; stop it at the wall-clock deadline or the output cap."""
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True,
+    )  # fmt: skip
+    buffer = bytearray()
+    reader = asyncio.ensure_future(_read_capped(process.stdout, buffer, limits.output_bytes))
+    waiter = asyncio.ensure_future(process.wait())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.wall_timeout_s
+    timed_out = False
+    try:
+        while not waiter.done() and len(buffer) <= limits.output_bytes:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                timed_out = True
+                break
+            watched = {waiter} if reader.done() else {reader, waiter}
+            await asyncio.wait(watched, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        exited_by_itself = waiter.done()
+    finally:
+        # Kills the launcher and whatever the code left behind in its process group.
+        _kill_group(process.pid)
+        await process.wait()
+        try:
+            await asyncio.wait_for(reader, _DRAIN_GRACE_S)
+        except asyncio.TimeoutError:
+            pass  # a stray process kept the pipe open; what was read is kept
+    overflowed = len(buffer) > limits.output_bytes
+    return _Run(
+        output=bytes(buffer[: limits.output_bytes]),
+        exit_status=process.returncode if exited_by_itself and not overflowed else None,
+        timed_out=timed_out,
+        overflowed=overflowed,
+    )
+
+
+def _remove_tree(path: str) -> None:
+    """Delete the call's folder even if the code made parts of it read-only."""
+    try:
+        shutil.rmtree(path)
+        return
+    except OSError:
+        pass
+    for root, folders, _ in os.walk(path):
+        for folder in folders:
+            os.chmod(os.path.join(root, folder), 0o700)
+    shutil.rmtree(path)
+
+
+def _signal_of(exit_status: int, launcher_reports_signals: bool) -> int | None:
+    """The signal that ended the code, if any (bwrap/unshare report it as 128 + signal)."""
+    if exit_status < 0:
+        return -exit_status
+    if launcher_reports_signals and exit_status > 128:
+        return exit_status - 128
+    return None
+
+
+class PythonTool:
+    """Runs Python code in a sandbox; the observation is its combined stdout and stderr."""
+
+    name = "python"
+    description = (
+        "Run Python 3 code (standard library only) in a sandbox with no network and no files "
+        "outside a scratch folder; returns what the code prints (stdout and stderr). "
+        "Use print() to show results."
+    )
+    parameters = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "description": "A complete Python 3 program."}},
+        "required": ["code"],
+        "additionalProperties": False,
+    }
+
+    def __init__(self, limits: PythonLimits | None = None, sandbox: str = "auto"):
+        self.limits = limits or PythonLimits()
+        self.isolation = choose_isolation(sandbox)
+
+    def _command(self, host_workdir: str) -> list[str]:
+        command, workdir = layer_command(self.isolation.layer, self.isolation.interpreter, host_workdir)
+        limits = self.limits
+        return command + [
+            "-c", _PRELUDE_SOURCE, f"{workdir}/main.py", str(limits.memory_mb), str(limits.cpu_time_s),
+            str(limits.memory_mb * 2**20), str(_OPEN_FILES), str(limits.max_processes + _LAUNCHER_PROCESSES - 1),
+        ]  # fmt: skip
+
+    def _open_cgroup(self) -> PidsCgroup | None:
+        if self.isolation.pids_cgroup is None:
+            return None
+        try:
+            return PidsCgroup(self.isolation.pids_cgroup, self.limits.max_processes + _LAUNCHER_PROCESSES)
+        except OSError as error:
+            warn_once(f"python tool: could not create a pids cgroup ({error}); fork bombs are stopped only by the timeout")
+            return None
+
+    async def call(self, arguments: dict) -> ToolResult:
+        started = time.perf_counter()
+        host_workdir = tempfile.mkdtemp(prefix="metis-python-")
+        cgroup = None
+        try:
+            Path(host_workdir, "main.py").write_text(arguments["code"], encoding="utf-8")
+            command = self._command(host_workdir)
+            cgroup = self._open_cgroup()
+            if cgroup is not None:
+                command = cgroup.wrap(command)
+            run = await _run_capped(command, cwd=host_workdir, env=scrubbed_env(host_workdir), limits=self.limits)
+        finally:
+            if cgroup is not None:
+                await cgroup.remove()
+            _remove_tree(host_workdir)
+        result = self._observation(run)
+        result.runtime_s = time.perf_counter() - started
+        return result
+
+    def _observation(self, run: _Run) -> ToolResult:
+        output = run.output.decode("utf-8", errors="replace").rstrip()
+        limits = self.limits
+
+        def with_error(kind: str, message: str) -> ToolResult:
+            return ToolResult(text=f"{output}\nError: {message}".lstrip("\n"), error=kind)
+
+        if run.overflowed:
+            return with_error(
+                ToolErrorKind.LIMIT_EXCEEDED,
+                f"output exceeded {limits.output_bytes} bytes; it was cut there and the code was stopped",
+            )
+        if run.timed_out:
+            return with_error(ToolErrorKind.TIMEOUT, f"wall-clock limit of {limits.wall_timeout_s:g} s exceeded; the code was stopped")
+        status = run.exit_status
+        if status == 0:
+            return ToolResult(text=output or "(no output; use print() to show results)")
+        if status == CPU_LIMIT_EXIT_STATUS:
+            return with_error(ToolErrorKind.TIMEOUT, f"CPU time limit of {limits.cpu_time_s} s exceeded; the code was stopped")
+        stopped_by = _signal_of(status, launcher_reports_signals=self.isolation.layer != "none")
+        if stopped_by is not None:
+            name = signal.Signals(stopped_by).name if stopped_by in signal.valid_signals() else str(stopped_by)
+            return with_error(ToolErrorKind.CRASHED, f"the code was killed by {name} (a CPU, memory or process limit, or a crash)")
+        if output:
+            return ToolResult(text=output, error=ToolErrorKind.TOOL_ERROR)
+        return with_error(ToolErrorKind.TOOL_ERROR, f"the code exited with status {status}")

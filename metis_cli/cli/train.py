@@ -1,0 +1,120 @@
+"""`metis sft`, `metis hdpo` and `metis run` (the whole pipeline: sft -> hdpo -> before/after table)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from metis_cli.cli.common import JsonOpt, QuietOpt, RecipeArg, SetOpt, cli_command, print_json
+
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete this stage's previous results and start over.")]
+TuiOpt = Annotated[bool, typer.Option("--tui", help="Train with the live dashboard open (training runs in a child process).")]
+
+
+def _load(recipe: Path, overrides: list[str] | None):
+    from metis_cli.recipe import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+def _with_dashboard(stage: str, recipe_path: Path, loaded, overrides, resume: bool, overwrite: bool) -> None:
+    from metis_cli.tui.launch import run_with_dashboard
+
+    argv = [stage, str(recipe_path), "--quiet"]
+    argv += [a for o in overrides or [] for a in ("--set", o)]
+    argv += ["--resume"] * resume + ["--overwrite"] * overwrite
+    stage_dir = Path(loaded.sft.output if stage == "sft" else loaded.hdpo.output)
+    code = run_with_dashboard(argv, stage_dir, stage)
+    raise typer.Exit(code)
+
+
+@cli_command
+def sft(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+        tui: TuiOpt = False, json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Cold-start supervised fine-tuning (loss on assistant tokens only)."""
+    loaded = _load(recipe, overrides)
+    if tui:
+        _with_dashboard("sft", recipe, loaded, overrides, resume, overwrite)
+    from metis_cli.stages import sft as stage
+
+    result = stage.run(loaded, resume=resume, overwrite=overwrite, quiet=quiet or json_output)
+    payload = {"stage_dir": str(result.stage_dir), "final": str(result.final_dir), "steps": result.steps,
+               "loss": result.final_loss, "eval_loss": result.eval_loss}
+    if json_output:
+        print_json(payload)
+    elif not quiet:
+        typer.echo(f"sft: {result.steps} steps, loss {result.final_loss:.4f}, model in {result.final_dir}")
+
+
+@cli_command
+def hdpo(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+         tui: TuiOpt = False, json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """RL with HDPO (or --set hdpo.estimator=grpo|coupled|gdpo for the baselines)."""
+    loaded = _load(recipe, overrides)
+    if tui:
+        _with_dashboard("hdpo", recipe, loaded, overrides, resume, overwrite)
+    from metis_cli.stages import hdpo as stage
+
+    result = stage.run(loaded, resume=resume, overwrite=overwrite, quiet=quiet or json_output)
+    payload = {"stage_dir": str(result.stage_dir), "final": str(result.final_dir), "steps": result.steps,
+               "stopped": result.stopped, "eval_before": result.eval_first, "eval_after": result.eval_last}
+    if json_output:
+        print_json(payload)
+    elif not quiet:
+        print_before_after(result.eval_first, result.eval_last, title=f"hdpo ({loaded.hdpo.estimator}) held-out, greedy")
+        typer.echo(f"hdpo: {result.steps} steps, policy in {result.final_dir}")
+
+
+@cli_command
+def run(recipe: RecipeArg, overrides: SetOpt = None, overwrite: OverwriteOpt = False,
+        json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """The whole pipeline: sft, then hdpo, then the before/after table. Finished stages are reused."""
+    from metis_cli.telemetry.run import is_done
+
+    loaded = _load(recipe, overrides)
+    quiet_stages = quiet or json_output
+    from metis_cli.stages import hdpo as hdpo_stage
+    from metis_cli.stages import sft as sft_stage
+
+    if loaded.sft.phases:
+        if is_done(loaded.sft.output) and not overwrite:
+            if not quiet_stages:
+                typer.echo(f"sft: already finished in {loaded.sft.output}; reusing it (--overwrite to retrain)")
+        else:
+            sft_stage.run(loaded, overwrite=overwrite or _unfinished(loaded.sft.output), quiet=quiet_stages)
+    result = hdpo_stage.run(loaded, overwrite=True, quiet=quiet_stages)
+    if json_output:
+        print_json({"eval_before": result.eval_first, "eval_after": result.eval_last, "final": str(result.final_dir)})
+    elif not quiet:
+        print_before_after(result.eval_first, result.eval_last, title=f"{loaded.run.name}: SFT -> {loaded.hdpo.estimator}, held-out, greedy")
+
+
+def _unfinished(stage_dir: str) -> bool:
+    return Path(stage_dir).exists()
+
+
+def print_before_after(before: dict, after: dict, *, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not before and not after:
+        return
+    table = Table(title=title)
+    table.add_column("subset")
+    for name in ("accuracy", "tool-call ratio", "tool calls / answer"):
+        table.add_column(name, justify="right")
+    for subset in sorted(set(before) | set(after)):
+        b, a = before.get(subset, {}), after.get(subset, {})
+
+        def cell(key: str, pct: bool) -> str:
+            fmt = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.2f}")
+            if key not in b or key not in a:
+                return "-"
+            return f"{fmt(b[key])} -> {fmt(a[key])}"
+
+        table.add_row(subset, cell("accuracy", True), cell("tool_call_ratio", True), cell("tool_calls_mean", False))
+    Console(file=sys.stdout).print(table)

@@ -1,0 +1,60 @@
+"""Resolve a recipe `DataSource` into examples: files and `datasets` sources via `datasets.py`,
+`synthetic:<name>` via the built-in arithmetic task, materialised once as JSONL in the run folder
+(`<run>/data/<name>.jsonl`) so every stage, `metis curate` and a curious user read the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from metis_cli.data.datasets import Example, load_examples
+from metis_cli.errors import DataError
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def synthetic_rows(name: str, synthetic_cfg) -> list[dict]:
+    """Rows of one synthetic set, generated deterministically from the recipe's `data.synthetic`."""
+    from metis_cli.data import synthetic
+
+    cfg = synthetic_cfg
+    if name == "knowledge":
+        return synthetic.knowledge_examples(cfg.knowledge_examples, cfg.seed)
+    if name == "cold_start":
+        return synthetic.cold_start_trajectories(
+            cfg.cold_start_examples, cfg.seed + 1, cfg.direct_answer_share, cfg.hard_share
+        )
+    if name == "rl":
+        return synthetic.rl_prompts(cfg.rl_prompts, cfg.seed + 2, cfg.hard_share)
+    if name == "eval":
+        return synthetic.eval_prompts(cfg.eval_per_subset, cfg.seed + 3)
+    raise DataError(f"unknown synthetic set '{name}' (known: knowledge, cold_start, rl, eval)")
+
+
+def materialize_synthetic(name: str, recipe) -> Path:
+    """Write `synthetic:<name>` to `<run>/data/<name>.jsonl` (atomically, once) and return the path."""
+    from metis_cli.data.synthetic import write_jsonl
+
+    path = Path(recipe.run.output_dir) / "data" / f"{name}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        write_jsonl(synthetic_rows(name, recipe.data.synthetic), partial)
+        os.replace(partial, path)
+    return path
+
+
+def load_source(source, recipe, *, need_answer: bool = True) -> list[Example]:
+    """All examples of one recipe DataSource (synthetic sets are materialised first)."""
+    if source.path.startswith(SYNTHETIC_PREFIX):
+        path = materialize_synthetic(source.path[len(SYNTHETIC_PREFIX):], recipe)
+        source = source.model_copy(update={"path": str(path)})
+    return load_examples(source, need_answer=need_answer, malformed_rows=recipe.data.malformed_rows)
+
+
+def load_sources(sources, recipe, *, need_answer: bool = True) -> list[Example]:
+    examples: list[Example] = []
+    for source in sources:
+        examples.extend(load_source(source, recipe, need_answer=need_answer))
+    return examples

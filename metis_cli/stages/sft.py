@@ -1,0 +1,293 @@
+"""`metis sft`: cold-start supervised fine-tuning on chat trajectories.
+
+Loss is next-token cross-entropy on assistant tokens only (prompt and tool output masked; the
+mask comes from `data.chat.tokenize_conversation`, the same token cut the rollout engine uses),
+averaged over the assistant tokens of each optimizer step. Phases train in order (for the tiny
+recipe: "knowledge" direct answers, then cold-start tool-use trajectories). Full fine-tuning or
+LoRA, gradient accumulation, warmup + cosine/linear decay, held-out eval loss, atomic
+checkpoints, `--resume`.
+
+Shape: `SftStage(recipe, ...)` with `setup()` (`_setup_model`, `_setup_data`, `_setup_optimizer`,
+`_resume`), `train()`, `save()`, `cleanup()`; `run()` wires them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from metis_cli.errors import DataError
+
+
+@dataclass
+class SftResult:
+    stage_dir: Path
+    final_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+
+
+class SftStage:
+    def __init__(self, recipe, *, resume: bool = False, overwrite: bool = False, quiet: bool = False):
+        self.recipe, self.cfg = recipe, recipe.sft
+        self.resume, self.overwrite, self.quiet = resume, overwrite, quiet
+        self.stage_dir = Path(self.cfg.output)
+        self.step = 0
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
+
+    # ------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, write_resolved_recipe
+        from metis_cli.train.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
+
+        if not self.cfg.phases:
+            raise DataError("sft.phases is empty: add at least one phase with data, e.g. "
+                            "phases: [{data: [{path: data/sft.jsonl}], epochs: 2}]")
+        prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="sft")
+        write_resolved_recipe(self.recipe)
+        quiet_libraries()
+        self.threads = setup_threads(self.recipe.run.threads)
+        self.device = pick_device(self.recipe.run.device)
+        seed_everything(self.recipe.run.seed)
+        self.metrics = MetricsLog(self.stage_dir / "metrics.jsonl")
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        if self.resume:
+            self._resume()
+
+    def _setup_model(self) -> None:
+        from metis_cli.train.model import ensure_base_model, load_policy
+
+        ensure_base_model(self.recipe)
+        self.model, self.tokenizer = load_policy(self.cfg.init_from, self.recipe, device=self.device, field="sft.init_from")
+        self.model.train()
+
+    def _setup_data(self) -> None:
+        from metis_cli.data.chat import tokenize_conversation
+        from metis_cli.data.sources import load_sources
+        from metis_cli.telemetry.progress import spinner
+
+        rng = random.Random(self.recipe.run.seed)
+        self.phases: list[list[tuple[list[int], list[int]]]] = []
+        self.eval_set: list[tuple[list[int], list[int]]] = []
+        self.dropped_too_long = 0
+        cache: dict[str, tuple[list[int], list[int]]] = {}
+        with spinner("sft: tokenizing trajectories", quiet=self.quiet):
+            for p, phase in enumerate(self.cfg.phases):
+                examples = load_sources(phase.data, self.recipe, need_answer=False)
+                encoded = []
+                for example in examples:
+                    conversation = example.trajectory or example.messages
+                    if not any(m["role"] == "assistant" for m in conversation):
+                        raise DataError(f"sft.phases[{p}]: example {example.id} has no assistant turn to train on")
+                    tools = self._tool_specs(conversation)
+                    key = repr((conversation, bool(tools)))
+                    if key not in cache:
+                        cache[key] = tokenize_conversation(self.tokenizer, conversation, tools)
+                    ids, mask = cache[key]
+                    if len(ids) > self.cfg.max_seq_len:
+                        self.dropped_too_long += 1
+                        continue
+                    encoded.append((ids, mask))
+                rng.shuffle(encoded)
+                n_eval = int(len(encoded) * self.cfg.eval_share)
+                self.eval_set += encoded[:n_eval]
+                self.phases.append(encoded[n_eval:])
+        self.plan = self._batch_plan()
+        self.total_steps = math.ceil(len(self.plan) / self.cfg.grad_accum)
+
+    def _tool_specs(self, conversation) -> list[dict] | None:
+        """Tools are rendered for conversations that use them (as at rollout time)."""
+        if not hasattr(self, "_specs"):
+            from metis_cli.agent.tools.registry import ToolRegistry
+
+            self._specs = ToolRegistry.from_config(self.recipe.tools).specs()
+        return self._specs or None
+
+    def _batch_plan(self) -> list[tuple[int, list[int]]]:
+        """Every micro-batch of the run as (phase, example indices), fixed by the seed, so a
+        resumed run skips exactly the batches already trained."""
+        plan: list[tuple[int, list[int]]] = []
+        size = self.cfg.batch_size
+        for p, (phase, data) in enumerate(zip(self.cfg.phases, self.phases)):
+            n = len(data)
+            if n == 0:
+                raise DataError(f"sft.phases[{p}]: no examples left (all longer than sft.max_seq_len?)")
+            order: list[int] = []
+            rng = random.Random(self.recipe.run.seed * 1000 + p)
+            for _ in range(math.ceil(phase.epochs)):
+                epoch = list(range(n))
+                rng.shuffle(epoch)
+                order += epoch
+            order = order[: round(phase.epochs * n)]
+            plan += [(p, order[i : i + size]) for i in range(0, len(order), size)]
+        return plan
+
+    def _setup_optimizer(self) -> None:
+        import torch
+        from transformers import get_scheduler
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[self.cfg.schedule]
+        self.scheduler = get_scheduler(
+            name, self.optimizer,
+            num_warmup_steps=int(self.cfg.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+
+    def _resume(self) -> None:
+        from metis_cli.train.checkpoint import latest_checkpoint, load_trainer_state
+        from metis_cli.train.runtime import set_rng_state
+
+        checkpoint = latest_checkpoint(self.stage_dir)
+        if checkpoint is None:
+            return
+        from metis_cli.train.model import load_policy
+
+        self.model, _ = load_policy(str(checkpoint), self.recipe, device=self.device, field="checkpoint")
+        self.model.train()
+        state = load_trainer_state(checkpoint)
+        self._setup_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.metrics.truncate_after(self.step)
+        if not self.quiet:
+            print(f"sft: resumed from {checkpoint} at step {self.step}/{self.total_steps}")
+
+    # ------------------------------------------------------------------------------ train
+    def _collate(self, batch: list[tuple[list[int], list[int]]]):
+        import torch
+
+        width = max(len(ids) for ids, _ in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, (ids, mask) in enumerate(batch):
+            n = len(ids)
+            input_ids[row, :n] = torch.tensor(ids)
+            attention[row, :n] = 1
+            labels[row, :n] = torch.where(torch.tensor(mask, dtype=torch.bool), torch.tensor(ids), -100)
+        return input_ids.to(self.device), attention.to(self.device), labels.to(self.device)
+
+    def _loss_sum(self, batch) -> tuple["torch.Tensor", int]:
+        import torch.nn.functional as F
+
+        input_ids, attention, labels = self._collate(batch)
+        logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+        targets = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
+        return loss, int((targets != -100).sum())
+
+    def evaluate(self) -> float | None:
+        import torch
+
+        if not self.eval_set:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.eval_set), self.cfg.batch_size):
+                loss, n = self._loss_sum(self.eval_set[i : i + self.cfg.batch_size])
+                total, count = total + float(loss), count + n
+        self.model.train()
+        return total / max(count, 1)
+
+    def train(self) -> None:
+        import torch
+
+        from metis_cli.telemetry import control
+        from metis_cli.telemetry.progress import StageProgress
+
+        accum = self.cfg.grad_accum
+        started = time.time()
+        with StageProgress("sft", self.total_steps, quiet=self.quiet, completed=self.step) as bar:
+            while self.step < self.total_steps:
+                step_start = time.time()
+                micro = self.plan[self.step * accum : (self.step + 1) * accum]
+                batches = [[self.phases[p][i] for i in indices] for p, indices in micro]
+                tokens = sum(int(sum(mask)) for batch in batches for _, mask in batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for batch in batches:
+                    loss_sum, _ = self._loss_sum(batch)
+                    (loss_sum / max(tokens, 1)).backward()
+                    total += float(loss_sum.detach())
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self.last_loss = total / max(tokens, 1)
+                step_s = time.time() - step_start
+                record = {
+                    "stage": "sft", "step": self.step, "total_steps": self.total_steps,
+                    "epoch": self._epoch_of(self.step), "phase": micro[0][0], "loss": self.last_loss,
+                    "lr": lr, "tokens_per_s": tokens / max(step_s, 1e-9), "step_s": step_s,
+                    "elapsed_s": time.time() - started, "time": time.time(),
+                }
+                if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps:
+                    self.last_eval_loss = record["eval_loss"] = self.evaluate()
+                requests = control.pending(self.stage_dir)
+                if self.step % self.cfg.save_every == 0 or requests:
+                    record["checkpoint"] = str(self.save_checkpoint())
+                    for what in requests:
+                        control.clear(self.stage_dir, what)
+                self.metrics.append(record)
+                bar.update(self.step, loss=self.last_loss, eval_loss=self.last_eval_loss, lr=lr)
+                if "stop" in requests:
+                    bar.log(f"sft: stopped at step {self.step} on request; resume with --resume")
+                    self.stopped = True
+                    return
+        self.stopped = False
+
+    def _epoch_of(self, step: int) -> float:
+        micro_index = min(step * self.cfg.grad_accum, len(self.plan)) - 1
+        phase = self.plan[micro_index][0]
+        before = sum(1 for p, _ in self.plan[:micro_index + 1] if p == phase)
+        per_epoch = math.ceil(len(self.phases[phase]) / self.cfg.batch_size)
+        return round(before / per_epoch, 3)
+
+    # ------------------------------------------------------------------------------- save
+    def save_checkpoint(self) -> Path:
+        from metis_cli.train.checkpoint import save_checkpoint
+        from metis_cli.train.runtime import rng_state
+
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)
+
+    def save(self) -> Path:
+        from metis_cli.telemetry.run import mark_done
+        from metis_cli.train.checkpoint import save_model_folder
+
+        final = save_model_folder(self.model, self.tokenizer, self.stage_dir / "final", merge_lora=self.recipe.model.lora.merge)
+        mark_done(self.stage_dir, {"steps": self.step, "loss": self.last_loss, "eval_loss": self.last_eval_loss,
+                                   "dropped_too_long": self.dropped_too_long, "final": str(final)})
+        return final
+
+    def cleanup(self) -> None:
+        import gc
+
+        for name in ("model", "optimizer", "scheduler"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+
+
+def run(recipe, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> SftResult:
+    stage = SftStage(recipe, resume=resume, overwrite=overwrite, quiet=quiet)
+    stage.setup()
+    try:
+        stage.train()
+        final = stage.save() if not stage.stopped else stage.stage_dir / "final"
+        return SftResult(stage.stage_dir, final, stage.step, stage.last_loss, stage.last_eval_loss)
+    finally:
+        stage.cleanup()

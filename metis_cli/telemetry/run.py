@@ -1,0 +1,92 @@
+"""Run and stage folders, and the append-only `metrics.jsonl` every consumer reads.
+
+`runs/<name>/recipe.yaml` keeps the resolved recipe; each stage (`sft/`, `hdpo/`) owns a folder
+with `metrics.jsonl`, `checkpoints/`, `final/` and, when it completed, `DONE.json`. A folder that
+holds a finished run is never overwritten silently, and an unfinished one is only continued with
+`--resume` or replaced with `--overwrite`. This module must stay torch-free (the TUI reads it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from metis_cli.errors import RunFolderError
+
+DONE_FILE = "DONE.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Append-only JSONL writer: one object per line, flushed at once so tails see it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, record: dict) -> None:
+        line = json.dumps({k: _clean(v) for k, v in record.items()}, default=str)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` (they are redone when a run resumes)."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+
+def prepare_stage_dir(stage_dir: Path, *, resume: bool, overwrite: bool, command: str) -> Path:
+    """Make the stage folder ready for a new run, or for resuming; refuse to clobber results."""
+    stage_dir = Path(stage_dir)
+    done = stage_dir / DONE_FILE
+    started = (stage_dir / METRICS_FILE).exists() or (stage_dir / "checkpoints").exists()
+    if overwrite and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    elif done.exists() and not resume:
+        raise RunFolderError(
+            f"{stage_dir} already holds a finished {command} run; pass --overwrite to replace it "
+            f"or set another run.name (e.g. --set run.name=NEW)"
+        )
+    elif started and not resume:
+        raise RunFolderError(
+            f"{stage_dir} holds an unfinished {command} run; pass --resume to continue it or --overwrite to start over"
+        )
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return stage_dir
+
+
+def mark_done(stage_dir: Path, summary: dict) -> None:
+    path = Path(stage_dir) / DONE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"finished_at": time.time(), **summary}, indent=2, default=str))
+    tmp.replace(path)
+
+
+def is_done(stage_dir: Path) -> bool:
+    return (Path(stage_dir) / DONE_FILE).exists()
+
+
+def write_resolved_recipe(recipe) -> Path:
+    from metis_cli.recipe import recipe_to_yaml
+
+    path = Path(recipe.run.output_dir) / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    return path

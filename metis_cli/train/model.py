@@ -1,0 +1,122 @@
+"""Loading policies: HF model folders (full weights or a LoRA adapter), tokenizers, LoRA wrapping.
+
+A model path may be a folder written by `save_pretrained`, a peft adapter folder (its base is read
+from adapter_config.json), or a hub id (needs network). For recipes with `model.build_tiny`, the
+tiny model is built at `model.name_or_path` the first time it is needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metis_cli.errors import ModelError
+
+
+def ensure_base_model(recipe) -> str:
+    """Build the tiny base model if the recipe asks for one and it is not there yet."""
+    path = recipe.model.name_or_path
+    tiny = recipe.model.build_tiny
+    if tiny is not None and not (Path(path) / "config.json").exists():
+        from metis_cli.train.tiny import build_tiny_model
+
+        build_tiny_model(
+            Path(path),
+            hidden_size=tiny.hidden_size,
+            num_layers=tiny.num_layers,
+            num_heads=tiny.num_heads,
+            intermediate_size=tiny.intermediate_size,
+            seed=recipe.run.seed,
+        )
+    return path
+
+
+def _check_exists(path: str, field: str) -> None:
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+    if looks_local and not Path(path).exists():
+        raise ModelError(f"{field}: model folder not found: {path} (train the stage that writes it first, or fix the path)")
+
+
+def load_tokenizer(path: str, *, field: str = "model.name_or_path", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_exists(path, field)
+    source = path
+    adapter_config = Path(path) / "adapter_config.json"
+    if adapter_config.exists() and not (Path(path) / "tokenizer_config.json").exists():
+        source = _adapter_base(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{field}: cannot load a tokenizer from {source}: {error}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _adapter_base(path: str) -> str:
+    import json
+
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{path}/adapter_config.json names no base_model_name_or_path")
+    return base
+
+
+def load_model(path: str, *, dtype, device: str, field: str = "model.name_or_path", trust_remote_code: bool = False):
+    """A causal LM from a model folder or a LoRA adapter folder (merged for inference use)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(path, field)
+    try:
+        if (Path(path) / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code)
+            model = PeftModel.from_pretrained(base, path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{field}: cannot load a model from {path}: {error}") from None
+    return model.to(device)
+
+
+def apply_lora(model, lora_cfg):
+    """Wrap `model` with a fresh LoRA adapter from the recipe (`model.lora`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise ModelError(f"model.lora.target_modules: {error}") from None
+
+
+def load_policy(path: str, recipe, *, device: str, field: str, trainable: bool = True):
+    """(model, tokenizer) for training: full weights, or LoRA on top when `model.lora.enabled`.
+
+    An adapter folder is loaded trainable (continuing LoRA training); a full model gets a new
+    adapter when LoRA is enabled.
+    """
+    from metis_cli.train.runtime import pick_dtype
+
+    dtype = pick_dtype(recipe.model.dtype, device)
+    tokenizer = load_tokenizer(path, field=field, trust_remote_code=recipe.model.trust_remote_code)
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), dtype=dtype)
+        model = PeftModel.from_pretrained(base, path, is_trainable=trainable).to(device)
+    else:
+        model = load_model(path, dtype=dtype, device=device, field=field,
+                           trust_remote_code=recipe.model.trust_remote_code)
+        if recipe.model.lora.enabled and trainable:
+            model = apply_lora(model, recipe.model.lora)
+    return model, tokenizer

@@ -1,0 +1,319 @@
+"""The multi-turn rollout engine (agent/rollout.py) and the HF backend (agent/hf_backend.py).
+
+Engine behaviour is pinned with a scripted backend that writes fixed text (no weights involved),
+on the tiny model's real tokenizer and chat template; one HFBackend run on random weights checks
+that the sampler's log-probs are the ones the trainer recomputes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from metis_cli.agent.backend import Generation, GenerationBackend
+from metis_cli.agent.hf_backend import HFBackend
+from metis_cli.agent.rollout import RolloutBatch, RolloutEngine
+from metis_cli.agent.tools.base import ToolErrorKind, ToolResult, error_result
+from metis_cli.data import synthetic
+from metis_cli.data.chat import tokenize_conversation
+from metis_cli.train.tiny import build_tiny_model
+
+SCRIPTED_LOGPROB = -0.5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=2, num_heads=2,
+                            intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+class ScriptedBackend:
+    """Writes `policy(prompt_text)` for every prompt, cut at the first stop id or max_new_tokens."""
+
+    def __init__(self, tokenizer, policy):
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.calls = 0
+
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, stop_token_ids, greedy=False, seed=None):
+        self.calls += 1
+        generations = []
+        for prompt in prompts:
+            ids = self.tokenizer.encode(self.policy(self.tokenizer.decode(prompt)), add_special_tokens=False)
+            stop_at = next((i for i, t in enumerate(ids) if t in stop_token_ids), None)
+            if stop_at is not None and stop_at < max_new_tokens:
+                ids, finish = ids[: stop_at + 1], "stop"
+            else:
+                ids, finish = ids[:max_new_tokens], "length"
+            generations.append(Generation(ids, [SCRIPTED_LOGPROB] * len(ids), finish))
+        return generations
+
+    def update_weights(self, model):
+        pass
+
+
+class ScriptedCalculator:
+    """The ToolRegistry interface with one calculator that multiplies/adds two integers."""
+
+    def __init__(self, max_calls_per_rollout: int = 4):
+        self.max_calls_per_rollout = max_calls_per_rollout
+        self.batches: list[int] = []
+
+    def specs(self):
+        return [synthetic.CALCULATOR_TOOL_SPEC]
+
+    def names(self):
+        return ["calculator"]
+
+    def execute_many(self, requests):
+        self.batches.append(len(requests))
+        results = []
+        for call, calls_so_far in requests:
+            if call.error:
+                results.append(error_result(ToolErrorKind.MALFORMED, call.error))
+            elif calls_so_far >= self.max_calls_per_rollout:
+                results.append(error_result(ToolErrorKind.LIMIT_EXCEEDED, "too many calls"))
+            else:
+                left, op, right = call.arguments["expression"].split()
+                value = int(left) * int(right) if op == "*" else int(left) + int(right)
+                results.append(ToolResult(text=str(value), runtime_s=0.01))
+        return results
+
+
+def question(prompt_text: str) -> str:
+    return re.findall(r"What is (\d+ [*+] \d+)\?", prompt_text)[-1]
+
+
+def call_then_answer(prompt_text: str) -> str:
+    """Calls the calculator once, then answers with the tool's result."""
+    results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", prompt_text)
+    if not results:
+        return synthetic.calculator_call(question(prompt_text)) + " ignored text after the stop"
+    return f"<answer>{results[-1]}</answer><|im_end|>"
+
+
+def prompts(*expressions: str) -> list[list[dict]]:
+    return [
+        [{"role": "system", "content": synthetic.SYSTEM_PROMPT}, {"role": "user", "content": f"What is {e}?"}]
+        for e in expressions
+    ]
+
+
+def engine(tokenizer, policy, tools=None, **limits) -> RolloutEngine:
+    settings = dict(max_turns=4, max_new_tokens_per_turn=64, max_total_tokens=512, temperature=1.0, top_p=1.0)
+    settings.update(limits)
+    return RolloutEngine(ScriptedBackend(tokenizer, policy), tokenizer, tools, **settings)
+
+
+def sampled_text(tokenizer, rollout) -> list[str]:
+    """Decoded runs of loss-mask-1 tokens."""
+    runs, run = [], []
+    for token, mask in zip(rollout.token_ids + [None], rollout.loss_mask + [0]):
+        if mask:
+            run.append(token)
+        elif run:
+            runs.append(tokenizer.decode(run))
+            run = []
+    return runs
+
+
+def test_tool_output_is_forced_with_loss_mask_zero(tokenizer):
+    tools = ScriptedCalculator()
+    rollouts = engine(tokenizer, call_then_answer, tools).run(prompts("278 * 14"), group_size=2)
+    assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(0, 0), (0, 1)]
+    rollout = rollouts[0]
+    call = synthetic.calculator_call("278 * 14")
+    assert sampled_text(tokenizer, rollout) == [call, "<answer>3892</answer><|im_end|>"]
+    assert "<tool_response>\n3892\n</tool_response>" in tokenizer.decode(rollout.token_ids)
+    assert rollout.tool_calls == 1 and rollout.tool_errors == {}
+    assert rollout.finish_reason == "answer" and rollout.num_turns == 2
+    assert rollout.messages[2:] == [
+        {"role": "assistant", "content": call},
+        {"role": "tool", "name": "calculator", "content": "3892"},
+        {"role": "assistant", "content": "<answer>3892</answer>"},
+    ]
+    assert rollout.loss_mask[: rollout.prompt_len] == [0] * rollout.prompt_len
+    assert rollout.generated_tokens == sum(rollout.loss_mask)
+
+
+def test_sft_tokenization_of_a_rollout_reproduces_its_ids_and_mask(tokenizer):
+    tools = ScriptedCalculator()
+    rollout = engine(tokenizer, call_then_answer, tools).run(prompts("31 * 62"), group_size=1)[0]
+    ids, mask = tokenize_conversation(tokenizer, rollout.messages, tools.specs())
+    length = len(rollout.token_ids)
+    assert ids[:length] == rollout.token_ids
+    assert mask[:length] == rollout.loss_mask
+    assert sum(mask[length:]) == 0  # only the template's trailing newline follows
+
+
+def test_sampler_logprobs_are_aligned_with_the_loss_mask(tokenizer):
+    rollout = engine(tokenizer, call_then_answer, ScriptedCalculator()).run(prompts("5 + 3"), group_size=1)[0]
+    assert len(rollout.sampler_logprobs) == len(rollout.loss_mask) == len(rollout.token_ids)
+    assert rollout.sampler_logprobs == [SCRIPTED_LOGPROB if m else 0.0 for m in rollout.loss_mask]
+
+
+def test_all_rollouts_share_one_backend_call_and_one_tool_batch_per_turn(tokenizer):
+    tools = ScriptedCalculator()
+    runner = engine(tokenizer, call_then_answer, tools)
+    rollouts = runner.run(prompts("278 * 14", "9 + 1"), group_size=3)
+    assert runner.backend.calls == 2
+    assert tools.batches == [6]
+    assert [r.messages[-1]["content"] for r in rollouts] == ["<answer>3892</answer>"] * 3 + ["<answer>10</answer>"] * 3
+
+
+def test_max_turns_ends_a_rollout_that_keeps_calling_tools(tokenizer):
+    tools = ScriptedCalculator(max_calls_per_rollout=1)
+    always_call = lambda text: synthetic.calculator_call(question(text))  # noqa: E731
+    rollout = engine(tokenizer, always_call, tools, max_turns=3).run(prompts("2 + 2"), group_size=1)[0]
+    assert rollout.finish_reason == "max_turns" and rollout.num_turns == 3
+    # The call in the last turn is not run; the second one is refused by the registry's limit.
+    assert rollout.tool_calls == 2
+    assert rollout.tool_errors == {ToolErrorKind.LIMIT_EXCEEDED: 1}
+    assert tokenizer.decode(rollout.token_ids).endswith("</tool_call>")
+    assert [m["role"] for m in rollout.messages[2:]] == ["assistant", "tool", "assistant", "tool", "assistant"]
+
+
+def test_malformed_tool_call_is_observed_by_the_model_not_raised(tokenizer):
+    def broken_call_then_answer(text):
+        if "<tool_response>" not in text:
+            return '<tool_call>{"name": "calculator", "arguments": </tool_call>'
+        return "<answer>?</answer><|im_end|>"
+
+    rollout = engine(tokenizer, broken_call_then_answer, ScriptedCalculator()).run(prompts("2 + 2"), group_size=1)[0]
+    assert rollout.tool_calls == 1  # a malformed attempt still counts towards T
+    assert rollout.tool_errors == {ToolErrorKind.MALFORMED: 1}
+    assert rollout.messages[3]["role"] == "tool" and rollout.messages[3]["content"].startswith("Error: invalid JSON")
+    assert "Error: invalid JSON" in tokenizer.decode(rollout.token_ids)
+    assert rollout.finish_reason == "answer"
+
+
+def test_turn_length_limit_cuts_the_rollout(tokenizer):
+    rambling = lambda text: "la " * 100  # noqa: E731
+    rollout = engine(tokenizer, rambling, ScriptedCalculator(), max_new_tokens_per_turn=10).run(
+        prompts("2 + 2"), group_size=1
+    )[0]
+    assert rollout.finish_reason == "length" and rollout.num_turns == 1
+    assert rollout.generated_tokens == 10 == len(rollout.token_ids) - rollout.prompt_len
+
+
+def test_total_token_limit_is_never_exceeded_and_never_ends_in_a_cut_tool_turn(tokenizer):
+    tools = ScriptedCalculator()
+    always_call = lambda text: synthetic.calculator_call(question(text))  # noqa: E731
+    # Prompts of different lengths share each backend call but not their remaining budgets.
+    questions = prompts("2 + 2", "278 * 14")
+    short, long = engine(tokenizer, always_call, tools, max_turns=1).run(questions, 1)
+    prompt_len, call_len = long.prompt_len, len(short.token_ids) - short.prompt_len
+    for max_total in range(prompt_len + 1, prompt_len + 3 * call_len + 40, 3):
+        runner = engine(tokenizer, always_call, tools, max_turns=10, max_total_tokens=max_total)
+        for rollout in runner.run(questions, group_size=1):
+            assert len(rollout.token_ids) <= max_total
+            assert rollout.finish_reason == "length"
+            assert rollout.loss_mask[-1] == 1  # ends in sampled text, not in a half-rendered tool turn
+
+
+def test_prompt_longer_than_the_total_limit_generates_nothing(tokenizer):
+    runner = engine(tokenizer, call_then_answer, ScriptedCalculator(), max_total_tokens=5)
+    rollout = runner.run(prompts("2 + 2"), group_size=2)[0]
+    assert runner.backend.calls == 0
+    assert rollout.finish_reason == "length" and rollout.generated_tokens == 0
+
+
+def test_tools_disabled_render_no_tools_and_a_call_ends_the_rollout(tokenizer):
+    tools = ScriptedCalculator()
+    seen_prompts = []
+
+    def policy(text):
+        seen_prompts.append(text)
+        return call_then_answer(text)
+
+    rollout = engine(tokenizer, policy, tools).run(prompts("278 * 14"), group_size=1, use_tools=False)[0]
+    assert "<tools>" not in seen_prompts[0]
+    assert tools.batches == []
+    assert rollout.tool_calls == 0 and rollout.num_turns == 1 and rollout.finish_reason == "eos"
+
+
+def test_collated_batch_shapes_padding_and_groups(tokenizer):
+    rollouts = engine(tokenizer, call_then_answer, ScriptedCalculator()).run(prompts("278 * 14", "9 + 1"), 2)
+    batch = RolloutBatch.from_rollouts(rollouts, pad_id=tokenizer.pad_token_id)
+    width = max(len(r.token_ids) for r in rollouts)
+    assert batch.input_ids.shape == batch.attention_mask.shape == (4, width)
+    assert batch.loss_mask.shape == batch.sampler_logprobs.shape == (4, width)
+    assert batch.input_ids.dtype == torch.long and batch.loss_mask.dtype == torch.float32
+    assert batch.group_ids.tolist() == [0, 0, 1, 1]
+    for row, rollout in enumerate(rollouts):
+        length = len(rollout.token_ids)
+        assert batch.attention_mask[row].sum() == length
+        assert batch.input_ids[row, length:].eq(tokenizer.pad_token_id).all()
+        assert batch.loss_mask[row, length:].eq(0).all()
+        assert batch.loss_mask[row].sum() == rollout.generated_tokens
+
+
+def tool_happy_model(model_dir):
+    """Random weights with `</tool_call>` made likely, so sampled rollouts take several turns."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tokenizer.convert_tokens_to_ids("</tool_call>")] *= 40
+    return model
+
+
+def test_hf_rollout_logprobs_are_what_the_trainer_recomputes(model_dir, tokenizer):
+    model = tool_happy_model(model_dir)
+    model.train()
+    temperature = 0.8
+    runner = RolloutEngine(HFBackend(model, tokenizer, batch_size=4), tokenizer, ScriptedCalculator(), max_turns=3,
+                           max_new_tokens_per_turn=12, max_total_tokens=400, temperature=temperature, top_p=0.95)
+    rollouts = runner.run(prompts("278 * 14", "9 + 1"), group_size=3, seed=0)
+    assert model.training  # the backend put it in eval mode and back
+    assert any(r.num_turns > 1 for r in rollouts), "the sampled rollouts should include tool turns"
+    assert all(len(r.token_ids) <= 400 for r in rollouts)
+    # Random text stopped at </tool_call> is a malformed call the model saw an error for.
+    assert sum(r.tool_errors.get(ToolErrorKind.MALFORMED, 0) for r in rollouts) >= 1
+
+    batch = RolloutBatch.from_rollouts(rollouts, pad_id=tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    recomputed = torch.log_softmax(logits[:, :-1] / temperature, dim=-1).gather(2, batch.input_ids[:, 1:, None])[..., 0]
+    sampled = batch.loss_mask[:, 1:].bool()
+    assert torch.allclose(recomputed[sampled], batch.sampler_logprobs[:, 1:][sampled], atol=1e-4)
+
+
+def test_hf_backend_batches_left_padded_prompts_like_single_ones(model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    backend = HFBackend(model, tokenizer, batch_size=8)
+    assert isinstance(backend, GenerationBackend)
+    batch = [tokenizer.encode(text) for text in ("What is 2 + 2?", "Hi", "What is 278 * 14? Think step by step.")]
+    stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    options = dict(max_new_tokens=16, temperature=1.0, top_p=1.0, stop_token_ids=stop_ids)
+    together = backend.generate(batch, greedy=True, **options)
+    alone = [backend.generate([prompt], greedy=True, **options)[0] for prompt in batch]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    for a, b in zip(together, alone):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert len(a.token_ids) == 16 or a.token_ids[-1] in stop_ids
+    # A vanishing top-p keeps only the most likely token: sampling becomes greedy.
+    nucleus = backend.generate(batch, **{**options, "top_p": 1e-9}, seed=3)
+    assert [g.token_ids for g in nucleus] == [g.token_ids for g in together]
+
+
+def test_hf_backend_stops_each_row_at_its_own_stop_token(model_dir, tokenizer):
+    backend = HFBackend(tool_happy_model(model_dir), tokenizer)
+    stop_id = tokenizer.convert_tokens_to_ids("</tool_call>")
+    generations = backend.generate([tokenizer.encode("What is 2 + 2?")] * 8, max_new_tokens=6, temperature=1.0,
+                                   top_p=1.0, stop_token_ids=[stop_id], seed=0)
+    assert {g.finish_reason for g in generations} == {"stop", "length"}
+    for g in generations:
+        assert len(g.token_ids) == len(g.logprobs)
+        assert stop_id not in g.token_ids[:-1]
+        assert (g.finish_reason == "stop") == (g.token_ids[-1] == stop_id)
+        assert g.finish_reason == "stop" or len(g.token_ids) == 6

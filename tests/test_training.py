@@ -1,0 +1,149 @@
+"""Few-step sft -> hdpo on the tiny model, for real: weights move, metrics are complete, a killed
+run resumes where its last checkpoint left off, finished runs are never overwritten silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from metis_cli.cli.main import app
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+HDPO_FIELDS = {
+    "stage", "step", "total_steps", "time", "elapsed_s", "accuracy", "r_acc_mean", "r_tool_mean", "tool_call_ratio",
+    "tool_calls_mean", "efficiency_group_share", "adv_acc_mean", "adv_acc_std", "adv_acc_nonzero", "adv_tool_mean",
+    "adv_tool_std", "adv_tool_nonzero", "loss", "loss_acc", "loss_tool", "clip_frac_acc", "clip_frac_tool", "kl",
+    "entropy", "tokens_per_s", "generated_tokens", "response_tokens_mean", "rollout_s", "update_s", "step_s",
+    "tool_errors", "tool_timeouts", "malformed_tool_calls", "unscored", "lr", "logprob_mismatch",
+}
+
+
+def small_overrides(run_dir: Path, **extra: str) -> list[str]:
+    settings = {
+        "run.output_dir": str(run_dir), "run.threads": "1",
+        "data.synthetic.knowledge_examples": "64", "data.synthetic.cold_start_examples": "64",
+        "data.synthetic.rl_prompts": "16", "data.synthetic.eval_per_subset": "4",
+        "sft.phases.0.epochs": "1", "sft.phases.1.epochs": "1", "sft.batch_size": "32",
+        "sft.eval_every": "2", "sft.save_every": "2",
+        "hdpo.steps": "3", "hdpo.prompts_per_step": "4", "hdpo.group_size": "4", "hdpo.micro_batch_size": "8",
+        "hdpo.eval_every": "2", "hdpo.save_every": "1", "hdpo.sample_every": "1", "hdpo.samples_to_save": "4",
+        "rollout.max_new_tokens": "16", "rollout.max_total_tokens": "96",
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def cli(args: list[str]) -> list[str]:
+    return [a for arg in args for a in ("--set", arg)]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    os.chdir(REPO)
+    result = CliRunner().invoke(app, ["sft", "recipes/tiny.yaml", "--quiet", *cli(small_overrides(run_dir))])
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def test_sft_trains_and_writes_hf_folder(sft_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    final = sft_run / "sft" / "final"
+    base = AutoModelForCausalLM.from_pretrained(sft_run / "base")
+    tuned = AutoModelForCausalLM.from_pretrained(final)
+    changed = any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), tuned.state_dict().values()))
+    assert changed, "sft did not move the weights"
+    records = read_metrics(sft_run / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    assert all({"loss", "lr", "tokens_per_s", "epoch"} <= r.keys() for r in records)
+    assert any("eval_loss" in r for r in records) and any("checkpoint" in r for r in records)
+    assert (sft_run / "sft" / "DONE.json").exists()
+
+
+def test_finished_run_is_not_overwritten(sft_run):
+    result = CliRunner().invoke(app, ["sft", "recipes/tiny.yaml", *cli(small_overrides(sft_run))])
+    assert result.exit_code == 2
+    assert "already holds a finished sft run" in result.output
+
+
+def test_hdpo_moves_weights_and_writes_every_metric(sft_run):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    overrides = small_overrides(sft_run)
+    result = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", "--json", *cli(overrides)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert set(payload["eval_before"]) == {"easy", "hard"}
+    records = read_metrics(sft_run / "hdpo" / "metrics.jsonl")
+    steps = [r for r in records if r["step"] > 0]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for record in steps:
+        assert HDPO_FIELDS <= record.keys(), HDPO_FIELDS - record.keys()
+    assert records[0]["step"] == 0 and "eval/easy/tool_call_ratio" in records[0]
+    assert "eval/hard/accuracy" in steps[-1]
+    assert any("checkpoint" in r for r in steps)
+    samples = sorted((sft_run / "hdpo" / "rollouts").glob("step_*.jsonl"))
+    assert samples, "no rollout samples written"
+    sample = json.loads(samples[-1].read_text().splitlines()[0])
+    assert {"messages", "tool_calls", "r_acc", "r_tool", "adv_acc", "adv_tool", "correct"} <= sample.keys()
+    before = AutoModelForCausalLM.from_pretrained(sft_run / "sft" / "final")
+    after = AutoModelForCausalLM.from_pretrained(sft_run / "hdpo" / "final")
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "coupled", "gdpo"])
+def test_baseline_estimators_run(sft_run, estimator, tmp_path):
+    overrides = small_overrides(sft_run, **{"hdpo.estimator": estimator, "hdpo.steps": "1",
+                                            "hdpo.output": str(tmp_path / estimator)})
+    result = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", "--quiet", *cli(overrides)])
+    assert result.exit_code == 0, result.output
+    records = read_metrics(tmp_path / estimator / "metrics.jsonl")
+    assert records[-1]["estimator"] == estimator and records[-1]["step"] == 1
+
+
+def test_killed_run_resumes_from_checkpoint(sft_run, tmp_path):
+    stage_dir = tmp_path / "resume"
+    overrides = small_overrides(sft_run, **{"hdpo.steps": "6", "hdpo.output": str(stage_dir), "hdpo.eval_every": "100"})
+    command = [sys.executable, "-m", "metis_cli", "hdpo", "recipes/tiny.yaml", "--quiet", *cli(overrides)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    metrics = stage_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and any(r["step"] >= 2 for r in read_metrics(metrics)):
+            break
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoints = sorted((stage_dir / "checkpoints").glob("step_*"))
+    assert checkpoints, "no checkpoint before the kill"
+    last_saved = int(checkpoints[-1].name.split("_")[1])
+
+    refused = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", *cli(overrides)])
+    assert refused.exit_code == 2 and "--resume" in refused.output
+
+    resumed = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", "--resume", "--quiet", *cli(overrides)])
+    assert resumed.exit_code == 0, resumed.output
+    steps = [r["step"] for r in read_metrics(metrics) if r["step"] > 0]
+    assert steps == list(range(1, 7)), steps  # no step lost or repeated after truncation
+    assert last_saved >= 1
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(stage_dir / "final")
