@@ -227,6 +227,23 @@ def test_prompt_longer_than_the_total_limit_generates_nothing(tokenizer):
     assert rollout.finish_reason == "length" and rollout.generated_tokens == 0
 
 
+def test_real_tool_registry_answers_calls_and_malformed_ones(tokenizer):
+    from metis_cli.agent.tools.registry import ToolRegistry
+    from metis_cli.recipe.schema import ToolsConfig
+
+    registry = ToolRegistry.from_config(ToolsConfig(enabled=["calculator"]))
+
+    def policy(text):
+        if "What is 1 + 1?" in text and "<tool_response>" not in text:
+            return "<tool_call>calculator(1 + 1)</tool_call>"
+        return call_then_answer(text)
+
+    good, broken = engine(tokenizer, policy, registry).run(prompts("278 * 14", "1 + 1"), group_size=1)
+    assert good.messages[3]["content"] == "3892" and good.finish_reason == "answer"
+    assert broken.tool_calls == 1 and broken.tool_errors == {ToolErrorKind.MALFORMED: 1}
+    assert broken.messages[3]["content"].startswith("Error: malformed tool call")
+
+
 def test_tools_disabled_render_no_tools_and_a_call_ends_the_rollout(tokenizer):
     tools = ScriptedCalculator()
     seen_prompts = []

@@ -239,6 +239,7 @@ async def test_train_mode_says_when_the_trainer_dies(tmp_path):
     try:
         async with app.run_test(size=SIZE) as pilot:
             await wait_until(pilot, lambda: isinstance(app.screen, TrainingExitedScreen))
+            await pilot.pause()  # let the modal mount its contents
             shown = " ".join(str(widget.render()) for widget in app.screen.query(Static))
             assert "exited with code 3" in shown and "simulated trainer crash" in shown
             assert "train.log" in shown

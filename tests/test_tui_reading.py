@@ -81,8 +81,12 @@ def test_tail_starts_over_when_the_file_is_replaced(tmp_path):
     append_line(path, "".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
     tail = MetricsTail(path)
     assert len(tail.read_new()) == 5
-    path.write_text('{"step": 1}\n')
+    path.write_text('{"step": 1}\n')  # cut back in place, as a resume does
     assert tail.read_new() == [{"step": 1}] and tail.restarts == 1
+    replacement = tmp_path / "new.jsonl"  # a fresh file moved over it, longer than what was read
+    replacement.write_text("".join(json.dumps({"step": s, "pad": "x" * 20}) + "\n" for s in range(1, 4)))
+    os.replace(replacement, path)
+    assert [r["step"] for r in tail.read_new()] == [1, 2, 3] and tail.restarts == 2
 
 
 def test_latest_rollouts_reads_newest_complete_file(tmp_path):
@@ -176,7 +180,8 @@ def test_rollout_text_highlights_tool_calls_results_and_answers():
     assert "✗ wrong" in wrong.plain
     assert any("#d9534f" in style for style in _spans_with_text(wrong, "answer: 5435"))  # red: wrong
     assert any("#7ed957" in style for style in _spans_with_text(direct, "answer: 5535"))  # green: right
-    broken = format_rollout({"correct": None, "messages": [{"role": "assistant", "content": "<tool_call>{oops</tool_call>"}]})
+    broken_call = {"role": "assistant", "content": "<tool_call>{oops</tool_call>"}
+    broken = format_rollout({"correct": None, "messages": [broken_call]})
     assert "? unscored" in broken.plain and "malformed tool call: {oops" in broken.plain
 
 

@@ -40,6 +40,11 @@ class _Malformed(ValueError):
     pass
 
 
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def _reject_constant(constant: str) -> None:
     raise _Malformed(f"{constant} is not valid JSON; write numbers as plain decimals")
 
@@ -71,9 +76,9 @@ def _decode_body(body: str) -> tuple[str, dict]:
     except RecursionError:
         raise _Malformed("invalid JSON: nested too deeply") from None
     if isinstance(payload, list):
-        raise _Malformed("expected one JSON object, got a list; put each call in its own <tool_call>")
+        raise _Malformed("expected one JSON object, got an array; put each call in its own <tool_call>")
     if not isinstance(payload, dict):
-        raise _Malformed(f'expected a JSON object {{"name": ..., "arguments": {{...}}}}, got {type(payload).__name__}')
+        raise _Malformed(f'expected a JSON object {{"name": ..., "arguments": {{...}}}}, got {_json_type(payload)}')
     extra = sorted(set(payload) - _ALLOWED_KEYS)
     if extra:
         raise _Malformed(f'unexpected key(s) {", ".join(map(repr, extra))}; a call has only "name" and "arguments"')
@@ -84,7 +89,7 @@ def _decode_body(body: str) -> tuple[str, dict]:
     if isinstance(arguments, str):
         raise _Malformed('"arguments" must be a JSON object, not a string holding JSON')
     if not isinstance(arguments, dict):
-        raise _Malformed(f'"arguments" must be a JSON object, got {type(arguments).__name__}')
+        raise _Malformed(f'"arguments" must be a JSON object, got {_json_type(arguments)}')
     try:
         # A lone surrogate ("\ud800") decodes fine but cannot be written anywhere as UTF-8.
         json.dumps(payload, ensure_ascii=False).encode("utf-8")

@@ -5,9 +5,14 @@ from __future__ import annotations
 import typer
 
 from metis_cli import __version__
+from metis_cli.cli.chat import chat
 from metis_cli.cli.completion import completion
+from metis_cli.cli.curate import curate
+from metis_cli.cli.eval import eval_command
 from metis_cli.cli.train import hdpo, run, sft
+from metis_cli.cli import tools as tools_cli
 from metis_cli.cli.validate import validate
+from metis_cli.cli.watch import watch
 
 app = typer.Typer(
     name="metis",
@@ -35,10 +40,15 @@ def _root(
     """
 
 
+app.command()(curate)
 app.command()(run)
 app.command()(sft)
 app.command()(hdpo)
+app.command(name="eval")(eval_command)
+app.command()(chat)
 app.command()(validate)
+app.add_typer(tools_cli.app, name="tools")
+app.command()(watch)
 app.command()(completion)
 
 

@@ -74,11 +74,9 @@ class Candidate:
         if example.images:
             row["images"] = example.images
         row.update({key: value for key, value in example.meta.items() if key not in row})
-        row["curation"] = {
-            "source": self.source_path,
-            "filters": list(self.filters_ran),
-            "pass_rates": dict(self.pass_rates),
-        }
+        row["curation"] = {"source": self.source_path, "filters": list(self.filters_ran)}
+        if self.pass_rates:  # left out when empty: parquet cannot store an empty struct
+            row["curation"]["pass_rates"] = dict(self.pass_rates)
         return row
 
 

@@ -1,4 +1,4 @@
-"""The eval report as a table: one row per (model, subset), as rich (terminal) and Markdown (report.md).
+"""The eval report as tables: one row per (model, subset), as rich (terminal) and Markdown (report.md).
 
 Both renderings come from the same column list, so the terminal and report.md always agree.
 Figure definitions live in report.py; this module only formats them.
@@ -39,38 +39,53 @@ class Column:
     fmt: Callable[[float], str]
 
 
-BASE_COLUMNS = [
-    Column("questions", "questions", _count),
+ANSWER_COLUMNS = [
+    Column("questions", "n", _count),
     Column("accuracy", "accuracy", _percent),
-    Column("tool_call_ratio", "tool-call ratio", _percent),
-    Column("tool_calls_mean", "calls/answer", _number),
-    Column("tool_errors", "tool errors", _count),
-    Column("generated_tokens_mean", "tokens/answer", _number),
-    Column("wall_s_per_question", "s/question", _seconds),
-    Column("cost_usd_per_1k_answers", "tool $/1k answers", _usd),
-    Column("tool_latency_s_per_answer", "tool s/answer", _seconds),
+    Column("tool_call_ratio", "tool use", _percent),
+    Column("tool_calls_mean", "calls", _number),
+    Column("tool_errors", "errors", _count),
+    Column("generated_tokens_mean", "tokens", _number),
+    Column("wall_s_per_question", "s/q", _seconds),
+]
+ECONOMY_COLUMNS = [
+    Column("cost_usd_per_1k_answers", "$/1k", _usd),
+    Column("tool_latency_s_per_answer", "tool s", _seconds),
 ]
 REDUNDANCY_COLUMNS = [
-    Column("no_tool_accuracy", "acc. tools off", _percent),
-    Column("redundant_tool_share", "redundant calls", _percent),
-    Column("needed_tool_share", "needed & used", _percent),
+    Column("no_tool_accuracy", "acc. alone", _percent),
+    Column("redundant_tool_share", "redundant", _percent),
+    Column("needed_tool_share", "needed+used", _percent),
     Column("redundant_cost_usd_per_1k_answers", "wasted $/1k", _usd),
 ]
+LEGEND = (
+    "n: questions; tool use: share of answers with >= 1 tool call; calls, errors, tokens: per answer (errors: "
+    "total); s/q: wall seconds per question. $/1k: tool cost per 1,000 answers; tool s: priced tool latency per "
+    "answer (recipe tools.costs)."
+)
+REDUNDANCY_LEGEND = (
+    "acc. alone: accuracy with tools off; redundant: share of tool-using answers to questions the model solves "
+    "alone; needed+used: share of answers to questions it cannot solve alone that called a tool; wasted $/1k: "
+    "cost of the redundant calls per 1,000 answers."
+)
 
 
-def columns(report: dict) -> list[Column]:
-    chosen = list(BASE_COLUMNS)
+def legend(report: dict) -> str:
+    return LEGEND + (" " + REDUNDANCY_LEGEND if report.get("redundancy") else "")
+
+
+def tables(report: dict) -> list[tuple[str, list[Column]]]:
+    """(title, columns) of each table: answers first, then the tool economy (narrow enough for 80 columns)."""
+    answers = list(ANSWER_COLUMNS)
     if report.get("samples", 1) > 1:
         k = report["samples"]
-        chosen.insert(2, Column(f"pass@{k}", f"pass@{k}", _percent))
-    if report.get("redundancy"):
-        chosen += REDUNDANCY_COLUMNS
-    return chosen
+        answers.insert(2, Column(f"pass@{k}", f"pass@{k}", _percent))
+    economy = ECONOMY_COLUMNS + (REDUNDANCY_COLUMNS if report.get("redundancy") else [])
+    return [("answers", answers), ("tool economy", economy)]
 
 
-def rows(report: dict) -> list[tuple[str, str, list[str]]]:
+def rows(report: dict, chosen: list[Column]) -> list[tuple[str, str, list[str]]]:
     """(model, subset, formatted cells) per row; the "all" row only when there are several subsets."""
-    chosen = columns(report)
     subsets = list(report.get("subsets", []))
     if len(subsets) > 1:
         subsets.append(ALL_SUBSETS)
@@ -95,30 +110,34 @@ def title(report: dict) -> str:
     return ", ".join(parts)
 
 
-def rich_table(report: dict):
+def rich_tables(report: dict) -> list:
     from rich.table import Table
 
-    table = Table(title=title(report))
-    table.add_column("model", style="bold")
-    table.add_column("subset")
-    for column in columns(report):
-        table.add_column(column.header, justify="right")
-    previous_model = None
-    for model, subset, cells in rows(report):
-        if previous_model is not None and model != previous_model:
-            table.add_section()
-        table.add_row(model if model != previous_model else "", subset, *cells)
-        previous_model = model
-    return table
+    result = []
+    for table_title, chosen in tables(report):
+        table = Table(title=f"{title(report)}: {table_title}" if not result else table_title)
+        table.add_column("model", style="bold", overflow="fold")
+        table.add_column("subset", no_wrap=True)
+        for column in chosen:
+            table.add_column(column.header, justify="right")
+        previous_model = None
+        for model, subset, cells in rows(report, chosen):
+            if previous_model is not None and model != previous_model:
+                table.add_section()
+            table.add_row(model if model != previous_model else "", subset, *cells)
+            previous_model = model
+        result.append(table)
+    return result
 
 
 def markdown(report: dict) -> str:
-    """report.md: the table, the tool prices it used, and notes on unpriced tools."""
-    headers = ["model", "subset"] + [c.header for c in columns(report)]
-    lines = [f"# {title(report)}", "", "| " + " | ".join(headers) + " |",
-             "|" + "|".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + "|"]
-    for model, subset, cells in rows(report):
-        lines.append("| " + " | ".join([model, subset, *cells]) + " |")
+    """report.md: the two tables, the tool prices they used, and notes on unpriced tools."""
+    lines = [f"# {title(report)}"]
+    for table_title, chosen in tables(report):
+        headers = ["model", "subset"] + [c.header for c in chosen]
+        lines += ["", f"## {table_title}", "", "| " + " | ".join(headers) + " |",
+                  "|" + "|".join(["---", "---"] + ["---:"] * len(chosen)) + "|"]
+        lines += ["| " + " | ".join([model, subset, *cells]) + " |" for model, subset, cells in rows(report, chosen)]
     lines.append("")
     prices = report.get("tool_costs") or {}
     if prices:
@@ -129,9 +148,7 @@ def markdown(report: dict) -> str:
     for model in report["models"]:
         if model.get("unpriced_tools"):
             lines.append(f"- {model['name']} called tools without a price: {', '.join(model['unpriced_tools'])}.")
-    if report.get("redundancy"):
-        lines += ["", "Redundant calls: share of tool-using answers to questions the model solves with tools off. "
-                  "Needed & used: share of answers to questions it cannot solve alone that called a tool."]
+    lines += ["", legend(report)]
     lines += ["", "Models:"] + [f"- {m['name']}: `{m['path']}`" for m in report["models"]]
     if report.get("training_run"):
         lines.append(f"\nTraining curves from `{report['training_run']}` are in plot.png.")

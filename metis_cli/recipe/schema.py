@@ -132,10 +132,19 @@ class ToolsConfig(Section):
 # ------------------------------------------------------------------------------------- rollout
 class VllmConfig(Section):
     gpu_memory_utilization: float = Field(
-        0.85, gt=0, le=1, description="Share of GPU memory (on CPU vLLM: of the KV-cache RAM budget)."
+        0.85, gt=0, le=1,
+        description="Share of GPU memory vLLM may take (weights + KV cache); GPU only, CPU uses cpu_kv_cache_gb.",
     )
-    max_model_len: int = Field(4096, gt=0, description="Longest sequence vLLM will serve.")
-    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine.")
+    cpu_kv_cache_gb: float = Field(
+        1.0, gt=0,
+        description="KV-cache RAM of CPU vLLM in GiB (on CPU gpu_memory_utilization would reserve a share of all RAM).",
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="Longest sequence vLLM will serve; null = rollout.max_total_tokens."
+    )
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="GPUs per engine; per-step weight sync needs the in-process engine, so 1."
+    )
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prefixes.")
 
 

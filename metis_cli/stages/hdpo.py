@@ -240,7 +240,7 @@ class HdpoStage:
                     figures["kl"] += float(kl) * share / self.cfg.ppo_epochs
                 loss.backward()
                 if epoch == 0:
-                    figures["loss"] += float(parts.loss)
+                    figures["loss"] += float(parts.loss.detach())
                     figures["loss_acc"] += float(parts.loss_acc)
                     figures["loss_tool"] += float(parts.loss_tool)
                     figures["clip_frac_acc"] += parts.clip_frac_acc * share
@@ -339,6 +339,7 @@ class HdpoStage:
             "tool_timeouts": sum(r.tool_errors.get("timeout", 0) for r in rollouts),
             "malformed_tool_calls": sum(r.tool_errors.get("malformed", 0) for r in rollouts),
             "unscored": n - len(scored_list),
+            "truncated": sum(r.finish_reason == "length" for r in rollouts),
             "rollouts_trained": int(keep.sum()),
             "generated_tokens": sum(r.generated_tokens for r in rollouts),
             "response_tokens_mean": sum(r.generated_tokens for r in rollouts) / n,

@@ -69,6 +69,10 @@ def prepare_stage_dir(stage_dir: Path, *, resume: bool, overwrite: bool, command
             f"{stage_dir} holds an unfinished {command} run; pass --resume to continue it or --overwrite to start over"
         )
     stage_dir.mkdir(parents=True, exist_ok=True)
+    from metis_cli.telemetry import control
+
+    for what in control.REQUESTS:  # a request left by an earlier session must not stop this one
+        control.clear(stage_dir, what)
     return stage_dir
 
 

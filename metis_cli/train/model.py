@@ -39,6 +39,9 @@ def _check_exists(path: str, field: str) -> None:
 def load_tokenizer(path: str, *, field: str = "model.name_or_path", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from metis_cli.train.runtime import quiet_libraries
+
+    quiet_libraries()
     _check_exists(path, field)
     source = path
     adapter_config = Path(path) / "adapter_config.json"
@@ -67,6 +70,9 @@ def load_model(path: str, *, dtype, device: str, field: str = "model.name_or_pat
     """A causal LM from a model folder or a LoRA adapter folder (merged for inference use)."""
     from transformers import AutoModelForCausalLM
 
+    from metis_cli.train.runtime import quiet_libraries
+
+    quiet_libraries()
     _check_exists(path, field)
     try:
         if (Path(path) / "adapter_config.json").exists():

@@ -289,12 +289,9 @@ class Dashboard(App[int]):
 
     def action_request_checkpoint(self) -> None:
         stage_dir = self.source.stage_dir
-        if self._not_running():
-            self.notify("this stage is not running; nothing to checkpoint", severity="warning")
+        if stage_dir is None:  # check_action keeps the key off until a stage shows; belt and braces
             return
         try:
-            if stage_dir is None:
-                raise RunFolderError("training has not started yet; nothing to checkpoint")
             control.request(stage_dir, "checkpoint")
         except RunFolderError as error:
             self.notify(str(error), severity="warning")

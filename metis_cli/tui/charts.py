@@ -97,7 +97,8 @@ class ChartPanel(Vertical, can_focus=True):
         for line in reversed(self.lines):
             steps, values = history.series(line.key, max_points)
             if steps:
-                plt.plot(steps, values, marker="braille", color=line.color, yside="right" if line.right_axis else "left")
+                side = "right" if line.right_axis else "left"
+                plt.plot(steps, values, marker="braille", color=line.color, yside=side)
                 (right_values if line.right_axis else left_values).extend(values)
         for subset, color in self._eval_subsets(history):
             steps, values = history.series(f"eval/{subset}/{self.eval_metric}")
@@ -112,7 +113,9 @@ class ChartPanel(Vertical, can_focus=True):
         if self._history is not None:
             self.show(self._history)
 
-    def _set_axes(self, history: MetricsHistory, left_values: list[float], right_values: list[float], height: int) -> None:
+    def _set_axes(
+        self, history: MetricsHistory, left_values: list[float], right_values: list[float], height: int
+    ) -> None:
         plt = self.query_one(PlotextPlot).plt
         last_step = max(history.total_steps or 0, history.latest_step or 0)
         if last_step > 0:

@@ -38,6 +38,10 @@ class MetricsHistory:
     def __init__(self) -> None:
         self._steps: list[int] = []
         self._by_step: dict[int, dict] = {}
+        self._eval_subsets: set[str] = set()
+        # key -> (steps, values) with a number for key; kept up to date as steps arrive at the
+        # end (the usual case), rebuilt lazily after anything else. Redraws read only these.
+        self._columns: dict[str, tuple[list[float], list[float]]] = {}
         self.records_without_step = 0
 
     def add(self, records: Iterable[dict]) -> int:
@@ -48,13 +52,44 @@ class MetricsHistory:
             if isinstance(step, bool) or not isinstance(step, int):
                 self.records_without_step += 1
                 continue
+            at_end = not self._steps or step >= self._steps[-1]
             if step in self._by_step:
                 self._by_step[step] = {**self._by_step[step], **record}
             else:
                 bisect.insort(self._steps, step)
                 self._by_step[step] = dict(record)
+            if at_end:
+                self._extend_columns(step, record)
+            else:
+                self._columns.clear()
+            self._eval_subsets.update(
+                key.split("/")[1] for key in record if key.startswith("eval/") and key.count("/") >= 2
+            )
             added += 1
         return added
+
+    def _extend_columns(self, step: int, record: dict) -> None:
+        for key, (steps, values) in self._columns.items():
+            number = as_number(record.get(key))
+            if number is None:
+                continue
+            if steps and steps[-1] == step:
+                values[-1] = number
+            else:
+                steps.append(float(step))
+                values.append(number)
+
+    def _column(self, key: str) -> tuple[list[float], list[float]]:
+        if key not in self._columns:
+            steps: list[float] = []
+            values: list[float] = []
+            for step in self._steps:
+                number = as_number(self._by_step[step].get(key))
+                if number is not None:
+                    steps.append(float(step))
+                    values.append(number)
+            self._columns[key] = (steps, values)
+        return self._columns[key]
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -79,31 +114,15 @@ class MetricsHistory:
         return None
 
     def latest_number(self, key: str) -> float | None:
-        for step in reversed(self._steps):
-            number = as_number(self._by_step[step].get(key))
-            if number is not None:
-                return number
-        return None
-
-    def first_number(self, key: str) -> float | None:
-        for step in self._steps:
-            number = as_number(self._by_step[step].get(key))
-            if number is not None:
-                return number
-        return None
+        values = self._column(key)[1]
+        return values[-1] if values else None
 
     def series(self, key: str, max_points: int | None = None) -> tuple[list[float], list[float]]:
         """(steps, values) where `key` has a number; averaged into `max_points` buckets if longer."""
-        steps: list[float] = []
-        values: list[float] = []
-        for step in self._steps:
-            number = as_number(self._by_step[step].get(key))
-            if number is not None:
-                steps.append(float(step))
-                values.append(number)
+        steps, values = self._column(key)
         if max_points is not None and len(steps) > max_points:
             return _bucket_means(steps, max_points), _bucket_means(values, max_points)
-        return steps, values
+        return list(steps), list(values)
 
     @property
     def total_steps(self) -> int | None:
@@ -117,7 +136,7 @@ class MetricsHistory:
 
     def total(self, key: str) -> float:
         """Sum of a per-step counter over the run."""
-        return sum(as_number(self._by_step[step].get(key)) or 0.0 for step in self._steps)
+        return sum(self._column(key)[1])
 
     def warning_totals(self) -> dict[str, int]:
         """Nonzero warning counters summed over the run, keyed by the words to show."""
@@ -126,12 +145,7 @@ class MetricsHistory:
 
     def eval_subsets(self) -> list[str]:
         """Subsets with held-out eval numbers (`eval/<subset>/<metric>` keys), sorted."""
-        subsets = set()
-        for step in self._steps:
-            for key in self._by_step[step]:
-                if key.startswith("eval/") and key.count("/") >= 2:
-                    subsets.add(key.split("/")[1])
-        return sorted(subsets)
+        return sorted(self._eval_subsets)
 
     def latest_eval_step(self) -> int | None:
         for step in reversed(self._steps):

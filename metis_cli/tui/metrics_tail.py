@@ -53,9 +53,10 @@ class MetricsTail:
         self.path = Path(path)
         self.offset_bytes = 0
         self.corrupt_lines = 0
-        # Bumped when the file shrank (replaced by a fresh run): the caller should forget old values.
+        # Bumped when the file shrank or was replaced: the caller should forget what it read.
         self.restarts = 0
         self._partial_line = b""
+        self._identity: tuple[int, int] | None = None
 
     def read_new(self) -> list[dict]:
         """The records completed since the last call (empty while the file does not exist)."""
@@ -64,11 +65,15 @@ class MetricsTail:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return []
         with handle:
-            size_bytes = os.fstat(handle.fileno()).st_size
-            if size_bytes < self.offset_bytes:
+            stat = os.fstat(handle.fileno())
+            identity = (stat.st_dev, stat.st_ino)
+            # Shrunk (cut back on resume) or replaced (--overwrite): read it again from the top.
+            replaced = self._identity is not None and identity != self._identity
+            if stat.st_size < self.offset_bytes or replaced:
                 self.offset_bytes = 0
                 self._partial_line = b""
                 self.restarts += 1
+            self._identity = identity
             handle.seek(self.offset_bytes)
             chunk = handle.read(MAX_READ_BYTES)
         self.offset_bytes += len(chunk)

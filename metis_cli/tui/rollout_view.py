@@ -24,11 +24,22 @@ TOOL_RESULT_STYLE = "#61afef"
 ANSWER_STYLES = {True: "bold #1e1e1e on #7ed957", False: "bold white on #d9534f", None: "bold reverse"}
 THINK_STYLE = "dim italic"
 ROLE_STYLE = "bold"
+VERDICTS = {True: ("✓ correct", "bold green"), False: ("✗ wrong", "bold red"), None: ("? unscored", "bold yellow")}
+# (field, label, format): rewards, then advantages with their sign.
+REWARD_FIELDS = (
+    ("r_acc", "r_acc", "{:.2f}"),
+    ("r_tool", "r_tool", "{:.2f}"),
+    ("adv_acc", "A_acc", "{:+.2f}"),
+    ("adv_tool", "A_tool", "{:+.2f}"),
+)
 
 # A tool result longer than this is cut: the browser is for seeing the shape of a trajectory.
 MAX_TOOL_RESULT_CHARS = 600
 
-_MARKUP = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)|<answer>(.*?)(?:</answer>|$)|<think>(.*?)(?:</think>|$)", re.S)
+# An unclosed tag runs to the end of the text (a rollout cut off by the token limit).
+_MARKUP = re.compile(
+    r"<tool_call>(.*?)(?:</tool_call>|$)|<answer>(.*?)(?:</answer>|$)|<think>(.*?)(?:</think>|$)", re.S
+)
 
 
 def message_text(message: dict) -> str:
@@ -77,20 +88,19 @@ def _assistant_text(text: str, correct: bool | None) -> Text:
 
 
 def _header(rollout: dict) -> Text:
-    correct = rollout.get("correct")
-    verdict = {True: ("✓ correct", "bold green"), False: ("✗ wrong", "bold red")}.get(correct, ("? unscored", "bold yellow"))
-    calls = rollout.get("tool_calls", 0)
+    verdict = VERDICTS.get(rollout.get("correct"), VERDICTS[None])
+    calls = rollout.get("tool_calls") or 0
     header = Text.assemble(verdict, f" · {calls} tool call{'s' if calls != 1 else ''}")
     if rollout.get("tool_errors"):
         header.append(f" · {rollout['tool_errors']} tool errors", "bold red")
     numbers = [
-        f"{label} {rollout[key]:+.2f}" if key.startswith("adv") else f"{label} {rollout[key]:.2f}"
-        for key, label in (("r_acc", "r_acc"), ("r_tool", "r_tool"), ("adv_acc", "A_acc"), ("adv_tool", "A_tool"))
+        f"{label} {number_format.format(rollout[key])}"
+        for key, label, number_format in REWARD_FIELDS
         if isinstance(rollout.get(key), (int, float))
     ]
     if numbers:
         header.append(" · " + " ".join(numbers), "dim")
-    origin = [str(rollout[key]) for key in ("subset",) if rollout.get(key)]
+    origin = [str(rollout["subset"])] if rollout.get("subset") else []
     if rollout.get("prompt_id") is not None:
         origin.append(f"prompt {rollout['prompt_id']} #{rollout.get('sample', 0)}")
     if rollout.get("gold") is not None:

@@ -119,17 +119,13 @@ class CalculatorTool:
     """Arithmetic on numbers, evaluated safely in-process."""
 
     name = "calculator"
-    description = (
-        "Evaluate an arithmetic expression with numbers, + - * / // % ** and parentheses, "
-        'e.g. "123 * 45". Returns the exact result.'
-    )
+    # Kept short on purpose: the spec is rendered into every prompt's system turn, and the tiny
+    # model's tokenizer is trained on exactly this text (data/synthetic.py CALCULATOR_TOOL_SPEC).
+    description = "Evaluate an arithmetic expression."
     parameters = {
         "type": "object",
-        "properties": {
-            "expression": {"type": "string", "description": 'Arithmetic only, e.g. "(17 + 3) * 2**5".'}
-        },
+        "properties": {"expression": {"type": "string", "description": "The expression to evaluate."}},
         "required": ["expression"],
-        "additionalProperties": False,
     }
 
     async def call(self, arguments: dict) -> ToolResult:

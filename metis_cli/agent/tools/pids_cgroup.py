@@ -52,6 +52,17 @@ def _own_cgroup_dirs() -> list[Path]:
     return dirs
 
 
+def _remove_stale(parent: Path) -> None:
+    """Delete empty cgroups left by metis processes that were killed mid-call."""
+    for stale in parent.glob("metis-sandbox-*"):
+        owner = stale.name.split("-")[2]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            try:
+                stale.rmdir()
+            except OSError:
+                pass  # still has processes, or not ours to remove
+
+
 @functools.cache
 def pids_cgroup_parent() -> Path | None:
     """A cgroup folder where this process may create pids-limited children, or None."""
@@ -64,6 +75,7 @@ def pids_cgroup_parent() -> Path | None:
         usable = (probe / "pids.max").exists()
         probe.rmdir()
         if usable:
+            _remove_stale(parent)
             return parent
     return None
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from metis_cli.agent.tools.base import ToolErrorKind, ToolResult
 from metis_cli.agent.tools.pids_cgroup import PidsCgroup
-from metis_cli.agent.tools.sandbox_isolation import choose_isolation, layer_command, scrubbed_env, warn_once
+from metis_cli.agent.tools.sandbox_isolation import choose_isolation, scrubbed_env, warn_once
 from metis_cli.agent.tools.sandbox_prelude import CPU_LIMIT_EXIT_STATUS
 
 _PRELUDE_SOURCE = Path(__file__).with_name("sandbox_prelude.py").read_text(encoding="utf-8")
@@ -61,36 +61,51 @@ def _kill_group(process_group: int) -> None:
         pass
 
 
-async def _read_capped(stream: asyncio.StreamReader, buffer: bytearray, cap: int) -> None:
-    """Append the stream to buffer until EOF or until it holds more than cap bytes."""
-    while len(buffer) <= cap:
-        chunk = await stream.read(_READ_CHUNK_BYTES)
-        if not chunk:
-            return
-        buffer += chunk
+async def _read_capped(stream: asyncio.StreamReader, buffer: bytearray, cap: int, overflow: asyncio.Event) -> None:
+    """Read the stream to EOF, keeping the first cap + 1 bytes; set overflow when there is more."""
+    while chunk := await stream.read(_READ_CHUNK_BYTES):
+        # Past the cap the data is drained and dropped, so the writer never blocks on a full pipe.
+        buffer += chunk[: max(0, cap + 1 - len(buffer))]
+        if len(buffer) > cap:
+            overflow.set()
+
+
+async def _open_output_pipe() -> tuple[int, asyncio.StreamReader, asyncio.ReadTransport]:
+    """A pipe for the child's stdout+stderr that we own (and can close even if a stray process
+    keeps its write end open): (write fd for the child, reader, transport)."""
+    read_fd, write_fd = os.pipe()
+    stream = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(stream), os.fdopen(read_fd, "rb", buffering=0)
+    )
+    return write_fd, stream, transport
 
 
 async def _run_capped(command: list[str], *, cwd: str, env: dict, limits: PythonLimits) -> _Run:
     """Run command in a new session; stop it at the wall-clock deadline or the output cap."""
-    process = await asyncio.create_subprocess_exec(
-        *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True,
-    )  # fmt: skip
-    buffer = bytearray()
-    reader = asyncio.ensure_future(_read_capped(process.stdout, buffer, limits.output_bytes))
-    waiter = asyncio.ensure_future(process.wait())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limits.wall_timeout_s
-    timed_out = False
+    write_fd, stream, transport = await _open_output_pipe()
     try:
-        while not waiter.done() and len(buffer) <= limits.output_bytes:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                timed_out = True
-                break
-            watched = {waiter} if reader.done() else {reader, waiter}
-            await asyncio.wait(watched, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        exited_by_itself = waiter.done()
+        process = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+            cwd=cwd, env=env, start_new_session=True,
+        )  # fmt: skip
+    except BaseException:
+        transport.close()
+        raise
+    finally:
+        os.close(write_fd)
+    buffer = bytearray()
+    overflow = asyncio.Event()
+    reader = asyncio.ensure_future(_read_capped(stream, buffer, limits.output_bytes, overflow))
+    waiter = asyncio.ensure_future(process.wait())
+    overflow_seen = asyncio.ensure_future(overflow.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {waiter, overflow_seen}, timeout=limits.wall_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        timed_out = not done
+        exited_by_itself = waiter.done() and not overflow.is_set()
     finally:
         # Kills the launcher and whatever the code left behind in its process group.
         _kill_group(process.pid)
@@ -99,12 +114,13 @@ async def _run_capped(command: list[str], *, cwd: str, env: dict, limits: Python
             await asyncio.wait_for(reader, _DRAIN_GRACE_S)
         except asyncio.TimeoutError:
             pass  # a stray process kept the pipe open; what was read is kept
-    overflowed = len(buffer) > limits.output_bytes
+        overflow_seen.cancel()
+        transport.close()
     return _Run(
         output=bytes(buffer[: limits.output_bytes]),
-        exit_status=process.returncode if exited_by_itself and not overflowed else None,
+        exit_status=process.returncode if exited_by_itself else None,
         timed_out=timed_out,
-        overflowed=overflowed,
+        overflowed=len(buffer) > limits.output_bytes,
     )
 
 
@@ -151,7 +167,7 @@ class PythonTool:
         self.isolation = choose_isolation(sandbox)
 
     def _command(self, host_workdir: str) -> list[str]:
-        command, workdir = layer_command(self.isolation.layer, self.isolation.interpreter, host_workdir)
+        command, workdir = self.isolation.command(host_workdir)
         limits = self.limits
         return command + [
             "-c", _PRELUDE_SOURCE, f"{workdir}/main.py", str(limits.memory_mb), str(limits.cpu_time_s),
@@ -164,7 +180,7 @@ class PythonTool:
         try:
             return PidsCgroup(self.isolation.pids_cgroup, self.limits.max_processes + _LAUNCHER_PROCESSES)
         except OSError as error:
-            warn_once(f"python tool: could not create a pids cgroup ({error}); fork bombs are stopped only by the timeout")
+            warn_once(f"python tool: no pids cgroup ({error}); fork bombs are stopped only by the timeout")
             return None
 
     async def call(self, arguments: dict) -> ToolResult:
@@ -199,16 +215,19 @@ class PythonTool:
                 f"output exceeded {limits.output_bytes} bytes; it was cut there and the code was stopped",
             )
         if run.timed_out:
-            return with_error(ToolErrorKind.TIMEOUT, f"wall-clock limit of {limits.wall_timeout_s:g} s exceeded; the code was stopped")
+            limit = f"wall-clock limit of {limits.wall_timeout_s:g} s"
+            return with_error(ToolErrorKind.TIMEOUT, f"{limit} exceeded; the code was stopped")
         status = run.exit_status
         if status == 0:
             return ToolResult(text=output or "(no output; use print() to show results)")
         if status == CPU_LIMIT_EXIT_STATUS:
-            return with_error(ToolErrorKind.TIMEOUT, f"CPU time limit of {limits.cpu_time_s} s exceeded; the code was stopped")
+            limit = f"CPU time limit of {limits.cpu_time_s} s"
+            return with_error(ToolErrorKind.TIMEOUT, f"{limit} exceeded; the code was stopped")
         stopped_by = _signal_of(status, launcher_reports_signals=self.isolation.layer != "none")
         if stopped_by is not None:
             name = signal.Signals(stopped_by).name if stopped_by in signal.valid_signals() else str(stopped_by)
-            return with_error(ToolErrorKind.CRASHED, f"the code was killed by {name} (a CPU, memory or process limit, or a crash)")
+            cause = "a CPU, memory or process limit, or a crash"
+            return with_error(ToolErrorKind.CRASHED, f"the code was killed by {name} ({cause})")
         if output:
             return ToolResult(text=output, error=ToolErrorKind.TOOL_ERROR)
         return with_error(ToolErrorKind.TOOL_ERROR, f"the code exited with status {status}")

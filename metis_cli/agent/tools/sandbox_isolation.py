@@ -35,6 +35,7 @@ log = logging.getLogger("metis.tools.python")
 LAYERS = ("bwrap", "unshare", "none")
 SANDBOX_WORKDIR = "/sandbox"  # where the call's temp folder appears inside bwrap
 INSTALL_BWRAP = "install bubblewrap (Debian/Ubuntu: apt-get install -y bubblewrap)"
+SHM_BYTES = 64 * 2**20
 _PROBE_TIMEOUT_S = 20.0
 _warned: set[str] = set()
 
@@ -69,10 +70,10 @@ def _hidden_package_dirs() -> list[str]:
     return sorted(path for path in candidates if path and os.path.isdir(path))
 
 
-def bwrap_command(interpreter: Path, host_workdir: str) -> list[str]:
+def bwrap_command(bwrap: str, interpreter: Path, host_workdir: str) -> list[str]:
     """bubblewrap arguments up to (not including) the interpreter."""
     command = [
-        "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+        bwrap, "--unshare-all", "--die-with-parent", "--new-session",
         "--unshare-user", "--uid", "65534", "--gid", "65534", "--disable-userns", "--cap-drop", "ALL",
         "--hostname", "sandbox", "--ro-bind", "/usr", "/usr",
     ]  # fmt: skip
@@ -84,20 +85,25 @@ def bwrap_command(interpreter: Path, host_workdir: str) -> list[str]:
     prefix = Path(sys.base_prefix).resolve()
     if not str(interpreter).startswith("/usr/"):
         # e.g. pyenv under /root: expose its lib/ (stdlib, libpython) and the binary, nothing else.
-        command += ["--ro-bind", str(prefix / "lib"), str(prefix / "lib"), "--ro-bind", str(interpreter), str(interpreter)]
+        for path in (str(prefix / "lib"), str(interpreter)):
+            command += ["--ro-bind", path, path]
     for folder in _hidden_package_dirs():
         command += ["--tmpfs", folder, "--remount-ro", folder]
     command += [
         "--bind", host_workdir, SANDBOX_WORKDIR, "--chdir", SANDBOX_WORKDIR, "--proc", "/proc", "--dev", "/dev",
+        # multiprocessing needs a writable /dev/shm; a small bounded one.
+        "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
+        # bwrap's / and /dev are writable tmpfs (RAM): freeze them once every mount point exists.
+        "--remount-ro", "/dev", "--remount-ro", "/",
         "--clearenv", "--setenv", "HOME", SANDBOX_WORKDIR, "--setenv", "TMPDIR", SANDBOX_WORKDIR,
         "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8",
     ]  # fmt: skip
     return command
 
 
-def unshare_command() -> list[str]:
+def unshare_command(unshare: str) -> list[str]:
     """util-linux unshare arguments: fresh network and pid namespaces; pid 1 is the sandboxed code."""
-    command = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    command = [unshare, "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
     if os.geteuid() != 0:
         command.append("--map-root-user")  # unprivileged namespaces need a user namespace
     return command
@@ -108,48 +114,46 @@ def scrubbed_env(workdir: str) -> dict[str, str]:
     return {"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
-def layer_command(layer: str, interpreter: Path, host_workdir: str) -> tuple[list[str], str]:
-    """(command up to and including the interpreter and its flags, workdir as the code sees it)."""
-    python = [str(interpreter), "-I", "-S", "-X", "utf8"]
-    if layer == "bwrap":
-        return bwrap_command(interpreter, host_workdir) + python, SANDBOX_WORKDIR
-    if layer == "unshare":
-        return unshare_command() + python, host_workdir
-    return python, host_workdir
-
-
-def _probe(layer: str, interpreter: Path) -> str | None:
-    """None if `layer` runs the interpreter here, else why not."""
-    tool = {"bwrap": "bwrap", "unshare": "unshare"}.get(layer)
-    if tool and shutil.which(tool) is None:
-        return f"`{tool}` is not installed"
-    with tempfile.TemporaryDirectory(prefix="metis-probe-") as workdir:
-        command, _ = layer_command(layer, interpreter, workdir)
-        try:
-            done = subprocess.run(
-                [*command, "-c", "print('ok')"], capture_output=True, text=True,
-                timeout=_PROBE_TIMEOUT_S, env=scrubbed_env(workdir), cwd=workdir,
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as error:
-            return f"`{tool or interpreter}` failed to start: {error}"
-    if done.returncode != 0 or done.stdout.strip() != "ok":
-        detail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        return f"`{tool or interpreter}` failed: {detail}"
-    return None
-
-
 @dataclass(frozen=True)
 class Isolation:
     """What a python call will run under. `weaknesses` lists what this layer does not protect."""
 
     layer: str
     interpreter: Path
-    weaknesses: tuple[str, ...]
-    pids_cgroup: Path | None
+    launcher: str | None = None  # absolute path of bwrap/unshare; None for layer "none"
+    weaknesses: tuple[str, ...] = ()
+    pids_cgroup: Path | None = None
+
+    def command(self, host_workdir: str) -> tuple[list[str], str]:
+        """(command up to and including the interpreter's flags, the workdir as the code sees it)."""
+        python = [str(self.interpreter), "-I", "-S", "-X", "utf8"]
+        if self.layer == "bwrap":
+            return bwrap_command(self.launcher, self.interpreter, host_workdir) + python, SANDBOX_WORKDIR
+        if self.layer == "unshare":
+            return unshare_command(self.launcher) + python, host_workdir
+        return python, host_workdir
 
     def describe(self) -> str:
         text = f"sandbox={self.layer}"
         return text + (f" (weaker: {'; '.join(self.weaknesses)})" if self.weaknesses else "")
+
+
+def _probe(candidate: Isolation) -> str | None:
+    """None if the candidate layer runs the interpreter here, else why not."""
+    name = candidate.launcher or str(candidate.interpreter)
+    with tempfile.TemporaryDirectory(prefix="metis-probe-") as workdir:
+        command, _ = candidate.command(workdir)
+        try:
+            done = subprocess.run(
+                [*command, "-c", "print('ok')"], capture_output=True, text=True,
+                timeout=_PROBE_TIMEOUT_S, env=scrubbed_env(workdir), cwd=workdir,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as error:
+            return f"`{name}` failed to start: {error}"
+    if done.returncode != 0 or done.stdout.strip() != "ok":
+        detail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return f"`{name}` failed: {detail}"
+    return None
 
 
 def _weaknesses(layer: str, cgroup: Path | None) -> list[str]:
@@ -157,22 +161,37 @@ def _weaknesses(layer: str, cgroup: Path | None) -> list[str]:
     if layer != "bwrap":
         weak.append(f"no filesystem isolation: model code can read and write host files ({INSTALL_BWRAP})")
     if layer == "none":
-        weak.append("no network or pid namespace: sockets are denied in-process only and model code can signal host processes")
+        weak.append(
+            "no network or pid namespace: sockets are denied in-process only and model code can signal host processes"
+        )
     if os.geteuid() == 0 and cgroup is None:
-        weak.append("running as root without a writable pids cgroup: the process cap (RLIMIT_NPROC) does not apply to root, so fork bombs are stopped only by the timeout")
+        weak.append(
+            "running as root without a writable pids cgroup: RLIMIT_NPROC does not apply to root, "
+            "so fork bombs are stopped only by the timeout"
+        )
     return weak
 
 
-@functools.cache
 def choose_isolation(requested: str) -> Isolation:
-    """The layer for `requested` (auto|bwrap|unshare|none); warns once about anything weaker than bwrap."""
+    """The layer for `requested` (auto|bwrap|unshare|none); warns about anything weaker than bwrap.
+
+    Probed once per process and PATH (launchers are looked up on PATH)."""
+    return _choose_isolation(requested, os.environ.get("PATH", ""))
+
+
+@functools.cache
+def _choose_isolation(requested: str, search_path: str) -> Isolation:
     if requested not in ("auto", *LAYERS):
         raise ToolConfigError(f"tools.python.sandbox: unknown value {requested!r}; use auto, bwrap, unshare or none")
     interpreter = base_interpreter()
     candidates = LAYERS if requested == "auto" else (requested,)
     failures = []
     for layer in candidates:
-        problem = None if layer == "none" else _probe(layer, interpreter)
+        launcher = None if layer == "none" else shutil.which(layer, path=search_path)
+        candidate = Isolation(layer, interpreter, launcher)
+        if layer == "none":
+            break
+        problem = f"`{layer}` is not installed" if launcher is None else _probe(candidate)
         if problem is None:
             break
         failures.append(f"{layer}: {problem}")
@@ -182,8 +201,8 @@ def choose_isolation(requested: str) -> Isolation:
             f"For bwrap, {INSTALL_BWRAP}; or set tools.python.sandbox: auto to use the strongest available layer."
         )
     cgroup = pids_cgroup_parent()
-    isolation = Isolation(layer, interpreter, tuple(_weaknesses(layer, cgroup)), cgroup)
+    isolation = Isolation(layer, interpreter, candidate.launcher, tuple(_weaknesses(layer, cgroup)), cgroup)
     if isolation.weaknesses:
         missing = f" Unavailable: {'; '.join(failures)}." if failures else ""
-        warn_once(f"python tool sandbox is weaker than it should be: {'; '.join(isolation.weaknesses)}.{missing}")
+        log.warning(f"python tool sandbox is weaker than it should be: {'; '.join(isolation.weaknesses)}.{missing}")
     return isolation

