@@ -54,6 +54,13 @@ def prepare_model(folder: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(base)
     rows = synthetic.cold_start_trajectories(64, seed=0)
     examples = [tokenize_conversation(tokenizer, r["messages"], [synthetic.CALCULATOR_TOOL_SPEC]) for r in rows]
+    # TRL ends a tool-call turn when the model samples <|im_end|> after </tool_call>; metis stops at
+    # </tool_call> and adds <|im_end|> itself. Training on that token too serves both conventions.
+    tool_call_end, end_of_turn = tokenizer.convert_tokens_to_ids(["</tool_call>", tokenizer.eos_token])
+    for ids, mask in examples:
+        for i in range(1, len(ids)):
+            if ids[i - 1] == tool_call_end and ids[i] == end_of_turn:
+                mask[i] = 1
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), tokenizer.pad_token_id)
     attention_mask, loss_mask = torch.zeros_like(input_ids), torch.zeros((len(examples), width))
@@ -78,18 +85,22 @@ def metis_rollouts(backend_name: str, model_dir: Path, prompts: list[list[dict]]
 
     from metis_cli.agent.factory import build_backend, build_engine, build_registry
     from metis_cli.data import synthetic
+    from metis_cli.data.chat import prompt_ids
     from metis_cli.recipe.load import validate_data
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    longest_prompt = max(len(prompt_ids(tokenizer, p, [synthetic.CALCULATOR_TOOL_SPEC])) for p in prompts)
     recipe = validate_data({
         "run": {"seed": 0, "device": "cpu", "threads": args.threads},
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
         "tools": {"enabled": ["calculator"], "max_calls_per_rollout": args.max_tool_calls},
         "rollout": {"backend": backend_name, "max_turns": args.max_tool_calls + 1,
-                    "max_new_tokens": args.max_new_tokens, "max_total_tokens": 512, "temperature": 1.0,
+                    "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
+                    # TRL's max_completion_length bounds all turns + tool output together: so here.
+                    "max_total_tokens": longest_prompt + args.max_new_tokens,
                     "batch_size": len(prompts) * args.group_size, "vllm": {"cpu_kv_cache_gb": args.kv_cache_gb}},
     })
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     registry = build_registry(recipe)
     # The tool listing the model was fitted on, and the one TRL renders from trl_rollouts.calculator.
     registry.specs = lambda: [synthetic.CALCULATOR_TOOL_SPEC]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
@@ -31,6 +31,9 @@ from metis_cli.data.chat import TOOL_CALL_END, continuation_after_tools, end_of_
 from metis_cli.errors import ModelError
 from metis_cli.rewards.answer import extract_answer
 from metis_cli.train.tiny import stop_token_ids
+
+if TYPE_CHECKING:
+    from metis_cli.agent.tools.registry import ToolRegistry
 
 RolloutFinish = Literal["answer", "eos", "max_turns", "length"]
 
@@ -131,7 +134,7 @@ class RolloutEngine:
         self,
         backend: GenerationBackend,
         tokenizer,
-        tools,
+        tools: ToolRegistry | None,
         *,
         max_turns: int,
         max_new_tokens_per_turn: int,

@@ -192,8 +192,10 @@ class SftConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(8, gt=0, description="Sequences per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of steps with linear warmup.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of each phase's steps with linear warmup.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="LR decay after warmup; each phase warms up and decays on its own."
+    )
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
     max_seq_len: int = Field(4096, gt=0, description="Longer conversations are dropped (and counted).")
     eval_share: float = Field(0.02, ge=0, lt=1, description="Held-out share for eval loss.")

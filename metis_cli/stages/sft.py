@@ -131,16 +131,40 @@ class SftStage:
 
     def _setup_optimizer(self) -> None:
         import torch
-        from transformers import get_scheduler
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[self.cfg.schedule]
-        self.scheduler = get_scheduler(
-            name, self.optimizer,
-            num_warmup_steps=int(self.cfg.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps,
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _phase_bounds(self) -> list[tuple[int, int]]:
+        """(first optimizer step, step count) of each phase."""
+        bounds, start = [], 0
+        for p in range(len(self.phases)):
+            micro = sum(1 for phase, _ in self.plan if phase == p)
+            steps = math.ceil(micro / self.cfg.grad_accum)
+            bounds.append((start, steps))
+            start += steps
+        return bounds
+
+    def _lr_factor(self, step: int) -> float:
+        """Each phase gets its own warmup and decay, as if it were a fine-tuning run of its own
+        on the weights the previous phase left (a knowledge phase's decayed LR would otherwise
+        starve the cold-start phase)."""
+        if not hasattr(self, "_bounds"):
+            self._bounds = self._phase_bounds()
+        for start, steps in self._bounds:
+            if step < start + steps or (start, steps) == self._bounds[-1]:
+                break
+        local, steps = step - start, max(steps, 1)
+        warmup = int(self.cfg.warmup_ratio * steps)
+        if local < warmup:
+            return (local + 1) / (warmup + 1)
+        progress = min(1.0, (local - warmup) / max(1, steps - warmup))
+        if self.cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.cfg.schedule == "linear":
+            return 1.0 - progress
+        return 1.0
 
     def _resume(self) -> None:
         from metis_cli.train.checkpoint import latest_checkpoint, load_trainer_state
