@@ -1,13 +1,16 @@
-"""TRL's side of benchmarks/rollout_throughput.py: GRPOTrainer's multi-turn tool rollouts, timed.
+"""TRL's side of benchmarks/rollout_throughput.py and step_time.py: GRPOTrainer's multi-turn tool
+rollouts and whole training steps, timed.
 
-Runs inside the benchmark's own TRL venv (benchmarks/.venv-trl, made by rollout_throughput.py;
-metis is not installed there) and never imports metis. Usage, normally via rollout_throughput.py:
+Runs inside the benchmarks' own TRL venv (benchmarks/.venv-trl, made by _trl_env.py; metis is not
+installed there) and never imports metis. Usage, normally via _trl_env.run_trl:
     benchmarks/.venv-trl/bin/python benchmarks/trl_rollouts.py SPEC.json
 SPEC.json: {"model_dir", "prompts" (chat messages per prompt), "group_size", "max_completion_length",
 "max_tool_calls", "temperature", "warmup_steps", "steps", "mode": "hf" | "vllm_colocate", "threads",
 "kv_cache_gb"}. Prints one JSON line: generated tokens (model-sampled, tool output excluded),
 seconds inside GRPOTrainer._generate (generation, tool calls and, for vLLM, the weight sync it does
-at each new step) per measured step, rollouts and tool-call ratio.
+at each new step) per measured step, rollouts and tool-call ratio; and `step_s`, each measured
+step's wall time from the trainer's on_step_begin to on_step_end (generation with tools, rewards,
+loss, backward, optimizer step).
 
 Two patches make TRL's vLLM colocate mode run on CPU vLLM (DESIGN.md): the engine gets
 dtype=float32 (vLLM picks bf16 on CPU otherwise), eager mode and an explicit KV-cache size; and
@@ -73,6 +76,20 @@ def _patch_vllm_for_cpu(kv_cache_gb: float) -> None:
     vllm_generation.VLLMGeneration.sync_weights = sync_weights
 
 
+def _step_timer(step_s: list[float]):
+    """A TrainerCallback appending each optimizer step's wall time to `step_s`."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_s.append(time.perf_counter() - self.started)
+
+    return StepTimer()
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -119,6 +136,8 @@ def main(spec_path: str) -> None:
         return output
 
     trainer._generate = timed_generate
+    step_s: list[float] = []
+    trainer.add_callback(_step_timer(step_s))
     trainer.train()
     measured = steps[spec["warmup_steps"]:]
     seconds = sum(s["seconds"] for s in measured)
@@ -128,6 +147,8 @@ def main(spec_path: str) -> None:
         "mode": spec["mode"], "steps": len(measured), "rollouts": rollouts, "generated_tokens": tokens,
         "generation_s": seconds, "tokens_per_s": tokens / seconds,
         "tool_call_ratio": sum(s["rollouts_with_tool_calls"] for s in measured) / rollouts,
+        "generation_s_per_step": [s["seconds"] for s in measured],
+        "step_s": step_s[spec["warmup_steps"]:],
     }))
 
 

@@ -147,3 +147,16 @@ def test_killed_run_resumes_from_checkpoint(sft_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(stage_dir / "final")
+
+
+def test_run_pipeline_reuses_finished_stages_and_prints_table(sft_run, tmp_path):
+    overrides = small_overrides(sft_run, **{"hdpo.steps": "1", "hdpo.output": str(tmp_path / "hdpo")})
+    first = CliRunner().invoke(app, ["run", "recipes/tiny.yaml", *cli(overrides)])
+    assert first.exit_code == 0, first.output
+    assert "sft: already finished" in first.output
+    assert "tool-call ratio" in first.output and "easy" in first.output and "hard" in first.output
+    again = CliRunner().invoke(app, ["run", "recipes/tiny.yaml", "--json", *cli(overrides)])
+    assert again.exit_code == 0, again.output
+    payload = json.loads(again.output)
+    assert set(payload["eval_after"]) == {"easy", "hard"}
+    assert len(read_metrics(tmp_path / "hdpo" / "metrics.jsonl")) == 2  # step 0 eval + step 1, not rerun

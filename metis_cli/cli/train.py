@@ -47,7 +47,11 @@ def sft(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False, 
     if json_output:
         print_json(payload)
     elif not quiet:
-        typer.echo(f"sft: {result.steps} steps, loss {result.final_loss:.4f}, model in {result.final_dir}")
+        if result.stopped:
+            typer.echo(f"sft: stopped at step {result.steps}; continue with --resume")
+        else:
+            loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+            typer.echo(f"sft: {result.steps} steps, loss {loss}, model in {result.final_dir}")
 
 
 @cli_command
@@ -72,29 +76,41 @@ def hdpo(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
 @cli_command
 def run(recipe: RecipeArg, overrides: SetOpt = None, overwrite: OverwriteOpt = False,
         json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    """The whole pipeline: sft, then hdpo, then the before/after table. Finished stages are reused."""
-    from metis_cli.telemetry.run import is_done
+    """The whole pipeline: sft, then hdpo, then the before/after table.
+
+    A finished stage is reused, an interrupted one is resumed; --overwrite redoes both."""
+    import json
+
+    from metis_cli.stages import hdpo as hdpo_stage
+    from metis_cli.stages import sft as sft_stage
+    from metis_cli.telemetry.run import DONE_FILE, is_done
 
     loaded = _load(recipe, overrides)
     quiet_stages = quiet or json_output
-    from metis_cli.stages import hdpo as hdpo_stage
-    from metis_cli.stages import sft as sft_stage
 
-    if loaded.sft.phases:
-        if is_done(loaded.sft.output) and not overwrite:
-            if not quiet_stages:
-                typer.echo(f"sft: already finished in {loaded.sft.output}; reusing it (--overwrite to retrain)")
-        else:
-            sft_stage.run(loaded, overwrite=overwrite or _unfinished(loaded.sft.output), quiet=quiet_stages)
-    result = hdpo_stage.run(loaded, overwrite=True, quiet=quiet_stages)
+    def say(message: str) -> None:
+        if not quiet_stages:
+            typer.echo(message)
+
+    for name, module, stage_dir in (("sft", sft_stage, loaded.sft.output), ("hdpo", hdpo_stage, loaded.hdpo.output)):
+        if name == "sft" and not loaded.sft.phases:
+            continue
+        if is_done(stage_dir) and not overwrite:
+            say(f"{name}: already finished in {stage_dir}; reusing it (--overwrite to redo)")
+            continue
+        resume = Path(stage_dir).exists() and not overwrite
+        if resume:
+            say(f"{name}: resuming the unfinished run in {stage_dir}")
+        result = module.run(loaded, resume=resume, overwrite=overwrite, quiet=quiet_stages)
+        if getattr(result, "stopped", False):
+            say(f"{name}: stopped on request; rerun `metis run` to continue")
+            raise typer.Exit(0)
+    summary = json.loads((Path(loaded.hdpo.output) / DONE_FILE).read_text())
+    before, after = summary.get("eval_first", {}), summary.get("eval_last", {})
     if json_output:
-        print_json({"eval_before": result.eval_first, "eval_after": result.eval_last, "final": str(result.final_dir)})
+        print_json({"eval_before": before, "eval_after": after, "final": summary.get("final")})
     elif not quiet:
-        print_before_after(result.eval_first, result.eval_last, title=f"{loaded.run.name}: SFT -> {loaded.hdpo.estimator}, held-out, greedy")
-
-
-def _unfinished(stage_dir: str) -> bool:
-    return Path(stage_dir).exists()
+        print_before_after(before, after, title=f"{loaded.run.name}: SFT -> {loaded.hdpo.estimator}, held-out, greedy")
 
 
 def print_before_after(before: dict, after: dict, *, title: str) -> None:

@@ -29,6 +29,7 @@ class SftResult:
     steps: int
     final_loss: float | None
     eval_loss: float | None
+    stopped: bool = False
 
 
 class SftStage:
@@ -39,6 +40,7 @@ class SftStage:
         self.step = 0
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
+        self.stopped = False
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -272,7 +274,6 @@ class SftStage:
                     bar.log(f"sft: stopped at step {self.step} on request; resume with --resume")
                     self.stopped = True
                     return
-        self.stopped = False
 
     def _epoch_of(self, step: int) -> float:
         micro_index = min(step * self.cfg.grad_accum, len(self.plan)) - 1
@@ -312,6 +313,6 @@ def run(recipe, *, resume: bool = False, overwrite: bool = False, quiet: bool = 
     try:
         stage.train()
         final = stage.save() if not stage.stopped else stage.stage_dir / "final"
-        return SftResult(stage.stage_dir, final, stage.step, stage.last_loss, stage.last_eval_loss)
+        return SftResult(stage.stage_dir, final, stage.step, stage.last_loss, stage.last_eval_loss, stage.stopped)
     finally:
         stage.cleanup()
