@@ -260,3 +260,19 @@ def test_cli_call_user_errors_exit_2(args, message):
     result = runner.invoke(tools_app, args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_search_keeps_numba_out_of_the_process(tmp_path):
+    # numba loaded before a vLLM engine starts breaks the engine, so search must not import it.
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "text": "hdpo decouples rewards"}\n{"id": "b", "text": "grpo groups"}\n')
+    code = (
+        "import sys\nfrom metis_cli.agent.tools.search import SearchTool\n"
+        f"tool = SearchTool.from_file({str(corpus)!r}, top_k=1)\n"
+        "print('numba' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"

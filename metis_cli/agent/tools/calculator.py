@@ -126,6 +126,7 @@ class CalculatorTool:
         "type": "object",
         "properties": {"expression": {"type": "string", "description": "The expression to evaluate."}},
         "required": ["expression"],
+        "additionalProperties": False,
     }
 
     async def call(self, arguments: dict) -> ToolResult:

