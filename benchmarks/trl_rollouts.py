@@ -4,7 +4,8 @@ rollouts and whole training steps, timed.
 Runs inside the benchmarks' own TRL venv (benchmarks/.venv-trl, made by _trl_env.py; metis is not
 installed there) and never imports metis. Usage, normally via _trl_env.run_trl:
     benchmarks/.venv-trl/bin/python benchmarks/trl_rollouts.py SPEC.json
-SPEC.json: {"model_dir", "prompts" (chat messages per prompt), "group_size", "max_completion_length",
+SPEC.json: {"model_dir", "prompts" (chat messages per prompt), "prompt_ids" (metis's rendering of
+each prompt), "tool_spec" (metis's calculator spec), "group_size", "max_completion_length",
 "max_tool_calls", "temperature", "warmup_steps", "steps", "mode": "hf" | "vllm_colocate", "threads",
 "kv_cache_gb"}. Prints one JSON line: generated tokens (model-sampled, tool output excluded),
 seconds inside GRPOTrainer._generate (generation, tool calls and, for vLLM, the weight sync it does
@@ -12,6 +13,10 @@ at each new step) per measured step, rollouts and tool-call ratio; and `step_s`,
 step's wall time from the trainer's on_step_begin to on_step_end (generation with tools, rewards,
 loss, backward, optimizer step).
 
+TRL renders a tool from its Python signature and docstring; metis's calculator spec also forbids
+extra arguments, which a docstring cannot say. The tiny tokenizer and model are fitted on metis's
+spec, so `calculator` is rendered as `tool_spec`, and the run stops unless every prompt's ids
+equal `prompt_ids`: both sides then sample from the very same prompts.
 Two patches make TRL's vLLM colocate mode run on CPU vLLM (DESIGN.md): the engine gets
 dtype=float32 (vLLM picks bf16 on CPU otherwise), eager mode and an explicit KV-cache size; and
 weight sync uses vLLM's reload_weights (TRL's per-tensor `model.load_weights` fails on CPU, where
@@ -56,6 +61,22 @@ def answer_reward(completions, **_) -> list[float]:
     """1 when the last assistant message holds an <answer>; the value does not affect timing."""
     return [float(any(m.get("role") == "assistant" and "<answer>" in str(m.get("content")) for m in c))
             for c in completions]
+
+
+def _render_calculator_as(tool_spec: dict) -> None:
+    import transformers.utils.chat_template_utils as chat_template_utils
+
+    from_docstring = chat_template_utils.get_json_schema
+    chat_template_utils.get_json_schema = lambda func: tool_spec if func is calculator else from_docstring(func)
+
+
+def _check_same_prompts(tokenizer, prompts: list, expected_ids: list[list[int]]) -> None:
+    for index, (messages, expected) in enumerate(zip(prompts, expected_ids, strict=True)):
+        rendered = tokenizer.apply_chat_template(messages, tools=[calculator], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]
+        if list(rendered) != expected:
+            raise SystemExit(f"prompt {index}: TRL renders {len(rendered)} tokens where metis renders "
+                             f"{len(expected)}; the sides would not sample from the same prompts")
 
 
 def _patch_vllm_for_cpu(kv_cache_gb: float) -> None:
@@ -109,6 +130,8 @@ def main(spec_path: str) -> None:
     # The tiny model's template is Qwen's layout (tool calls as <tool_call>{json}</tool_call>), but
     # TRL recognises templates by exact text, so its Qwen3 response parser is set by hand.
     tokenizer.response_template = qwen3_template
+    _render_calculator_as(spec["tool_spec"])
+    _check_same_prompts(tokenizer, spec["prompts"], spec["prompt_ids"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     prompts, group_size = spec["prompts"], spec["group_size"]
     config = GRPOConfig(
