@@ -6,7 +6,7 @@ reports held-out greedy accuracy and tool-call ratio per subset before and after
 of groups with |Q| >= 2 over training (the implicit curriculum), and wall times.
 
 The full SFT model already gets most groups right, so its efficiency channel is on from the
-first step. `hdpo-weak-start` starts HDPO from an under-trained cold start (a sixth of an epoch
+first step. `hdpo-weak-start` starts HDPO from an under-trained cold start (0.4 of an epoch
 of tool-use trajectories) to show the paper's implicit curriculum: few groups with two correct
 rollouts at first, more as accuracy rises.
 
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WEAK_SFT = ["sft.phases.1.epochs=0.15"]
+WEAK_SFT = ["sft.phases.1.epochs=0.4"]
 VARIANTS = {
     "hdpo": ["hdpo.estimator=hdpo"],
     "hdpo-weak-start": ["hdpo.estimator=hdpo", "hdpo.steps=60"],
