@@ -160,3 +160,17 @@ def test_run_pipeline_reuses_finished_stages_and_prints_table(sft_run, tmp_path)
     payload = json.loads(again.output)
     assert set(payload["eval_after"]) == {"easy", "hard"}
     assert len(read_metrics(tmp_path / "hdpo" / "metrics.jsonl")) == 2  # step 0 eval + step 1, not rerun
+
+
+def test_ppo_epochs_and_kl_to_reference(sft_run, tmp_path):
+    # Two optimizer passes over one batch: the second sees ratios != 1 and a policy that has
+    # moved away from the frozen reference, so KL becomes positive.
+    overrides = small_overrides(sft_run, **{"hdpo.steps": "2", "hdpo.ppo_epochs": "2", "hdpo.kl_coef": "0.1",
+                                            "hdpo.micro_batch_size": "3", "hdpo.output": str(tmp_path / "ppo")})
+    result = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", "--quiet", *cli(overrides)])
+    assert result.exit_code == 0, result.output
+    steps = [r for r in read_metrics(tmp_path / "ppo" / "metrics.jsonl") if r["step"] > 0]
+    assert len(steps) == 2
+    trained = [r for r in steps if r["rollouts_trained"] > 0]
+    assert trained and all(r["kl"] >= 0 for r in trained)
+    assert any(r["kl"] > 0 for r in trained if r["adv_acc_nonzero"] > 0)

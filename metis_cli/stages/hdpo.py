@@ -204,28 +204,34 @@ class HdpoStage:
         tool_total = float(mask[a_tool != 0].sum()) if a_tool is not None else None
         temperature = self.recipe.rollout.temperature
         size = self.cfg.micro_batch_size
-        chunks = [slice(i, i + size) for i in range(0, len(kept), size)]
+        # Micro-batches of similar length, each trimmed to its longest rollout: less padding through
+        # forward/backward. The loss is unchanged: it divides by batch-wide token totals.
+        lengths = batch.attention_mask.sum(1)
+        chunks = [(rows, int(lengths[rows].max())) for rows in torch.argsort(lengths, descending=True).split(size)]
+
+        def cut(tensor, chunk):
+            rows, width = chunk
+            return (tensor[rows, :width] if tensor.dim() == 2 else tensor[rows]).to(self.device)
 
         def forward(chunk, with_entropy=False):
-            return token_logprobs(self.model, batch.input_ids[chunk].to(self.device),
-                                  batch.attention_mask[chunk].to(self.device),
+            return token_logprobs(self.model, cut(batch.input_ids, chunk), cut(batch.attention_mask, chunk),
                                   temperature=temperature, with_entropy=with_entropy)
 
         old_logp = None
         if self.cfg.ppo_epochs > 1:
             with torch.no_grad():
-                old_logp = torch.cat([forward(c)[0].cpu() for c in chunks])
+                old_logp = [forward(c)[0] for c in chunks]
         figures = {"loss": 0.0, "loss_acc": 0.0, "loss_tool": 0.0, "clip_frac_acc": 0.0, "clip_frac_tool": 0.0,
                    "kl": 0.0, "entropy": 0.0, "logprob_mismatch": 0.0}
         for epoch in range(self.cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            for chunk in chunks:
+            for number, chunk in enumerate(chunks):
                 logp, entropy = forward(chunk, with_entropy=epoch == 0)
-                chunk_mask = mask[chunk].to(self.device)
-                old = old_logp[chunk].to(self.device) if old_logp is not None else logp.detach()
+                chunk_mask = cut(mask, chunk)
+                old = old_logp[number] if old_logp is not None else logp.detach()
                 parts = hdpo_loss(
-                    logp, old, chunk_mask, a_acc[chunk].to(self.device),
-                    a_tool[chunk].to(self.device) if a_tool is not None else None,
+                    logp, old, chunk_mask, cut(a_acc, chunk),
+                    cut(a_tool, chunk) if a_tool is not None else None,
                     self.cfg.w_acc, self.cfg.w_tool if a_tool is not None else 0.0, self.cfg.clip_eps,
                     acc_token_total=acc_total, tool_token_total=tool_total or None,
                 )
@@ -233,11 +239,11 @@ class HdpoStage:
                 share = float(chunk_mask.sum()) / max(acc_total, 1.0)
                 if self.reference is not None:
                     with torch.no_grad():
-                        ref_logp, _ = token_logprobs(self.reference, batch.input_ids[chunk].to(self.device),
-                                                     batch.attention_mask[chunk].to(self.device), temperature=temperature)
+                        ref_logp, _ = token_logprobs(self.reference, cut(batch.input_ids, chunk),
+                                                     cut(batch.attention_mask, chunk), temperature=temperature)
                     kl = kl_k3(logp, ref_logp, chunk_mask)
                     loss = loss + self.cfg.kl_coef * kl * share
-                    figures["kl"] += float(kl) * share / self.cfg.ppo_epochs
+                    figures["kl"] += float(kl.detach()) * share / self.cfg.ppo_epochs
                 loss.backward()
                 if epoch == 0:
                     figures["loss"] += float(parts.loss.detach())
@@ -246,7 +252,7 @@ class HdpoStage:
                     figures["clip_frac_acc"] += parts.clip_frac_acc * share
                     figures["clip_frac_tool"] += parts.clip_frac_tool * share
                     figures["entropy"] += float(masked_mean(entropy, chunk_mask)) * share
-                    sampler = batch.sampler_logprobs[chunk].to(self.device)
+                    sampler = cut(batch.sampler_logprobs, chunk)
                     figures["logprob_mismatch"] += float(masked_mean((logp.detach() - sampler).abs(), chunk_mask)) * share
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
