@@ -59,15 +59,15 @@ class VllmBackend:
         A LoRA adapter folder is served as its base model with the adapter merged in. `tokenizer`
         is accepted for build_backend's sake and unused: prompts and outputs are token ids.
         """
-        from metis_cli.train.model import _adapter_base, _check_exists, load_model
+        from metis_cli.train.model import adapter_base, check_model_path, load_model
         from metis_cli.train.runtime import pick_device, pick_dtype
 
         path = str(model_path or recipe.model.name_or_path)
         path_field = _path_field(recipe, path)
-        _check_exists(path, path_field)
+        check_model_path(path, path_field)
         device = pick_device(recipe.run.device)
         is_adapter = (Path(path) / "adapter_config.json").exists()
-        kwargs = engine_kwargs(recipe, _adapter_base(path) if is_adapter else path, device)
+        kwargs = engine_kwargs(recipe, adapter_base(path) if is_adapter else path, device)
         backend = cls(start_engine(kwargs, recipe, path_field=path_field),
                       max_model_len=kwargs["max_model_len"], logprobs_mode=kwargs["logprobs_mode"])
         if is_adapter:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from metis_cli.data.datasets import Example, load_examples
@@ -38,10 +37,7 @@ def materialize_synthetic(name: str, recipe) -> Path:
 
     path = Path(recipe.run.output_dir) / "data" / f"{name}.jsonl"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        write_jsonl(synthetic_rows(name, recipe.data.synthetic), partial)
-        os.replace(partial, path)
+        write_jsonl(synthetic_rows(name, recipe.data.synthetic), path)  # atomic itself
     return path
 
 

@@ -30,7 +30,7 @@ def ensure_base_model(recipe) -> str:
     return path
 
 
-def _check_exists(path: str, field: str) -> None:
+def check_model_path(path: str, field: str) -> None:
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
     if looks_local and not Path(path).exists():
         raise ModelError(f"{field}: model folder not found: {path} (train the stage that writes it first, or fix the path)")
@@ -42,11 +42,11 @@ def load_tokenizer(path: str, *, field: str = "model.name_or_path", trust_remote
     from metis_cli.train.runtime import quiet_libraries
 
     quiet_libraries()
-    _check_exists(path, field)
+    check_model_path(path, field)
     source = path
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_config.exists() and not (Path(path) / "tokenizer_config.json").exists():
-        source = _adapter_base(path)
+        source = adapter_base(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
@@ -56,7 +56,7 @@ def load_tokenizer(path: str, *, field: str = "model.name_or_path", trust_remote
     return tokenizer
 
 
-def _adapter_base(path: str) -> str:
+def adapter_base(path: str) -> str:
     import json
 
     config = json.loads((Path(path) / "adapter_config.json").read_text())
@@ -73,12 +73,12 @@ def load_model(path: str, *, dtype, device: str, field: str = "model.name_or_pat
     from metis_cli.train.runtime import quiet_libraries
 
     quiet_libraries()
-    _check_exists(path, field)
+    check_model_path(path, field)
     try:
         if (Path(path) / "adapter_config.json").exists():
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code)
+            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code)
             model = PeftModel.from_pretrained(base, path)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -118,7 +118,7 @@ def load_policy(path: str, recipe, *, device: str, field: str, trainable: bool =
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(_adapter_base(path), dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=dtype)
         model = PeftModel.from_pretrained(base, path, is_trainable=trainable).to(device)
     else:
         model = load_model(path, dtype=dtype, device=device, field=field,
