@@ -130,3 +130,32 @@ def test_write_jsonl_writes_one_row_per_line(tmp_path):
     path = synthetic.write_jsonl(rows, tmp_path / "data" / "cold_start.jsonl")
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
     assert [p.name for p in path.parent.iterdir()] == ["cold_start.jsonl"]
+
+
+def test_answer_noise_corrupts_hard_answers_digit_by_digit_and_keeps_the_gold():
+    clean = synthetic.cold_start_trajectories(2000, seed=3)
+    noisy = synthetic.cold_start_trajectories(2000, seed=3, answer_noise=0.3)
+    hard = [(c, n) for c, n in zip(clean, noisy) if n["subset"] == "hard"]
+    assert [c["messages"][:-1] for c, _ in hard] == [n["messages"][:-1] for _, n in hard]  # calls, tool results
+    assert all(n["answer"] == c["answer"] for c, n in hard)
+    said = [n["messages"][-1]["content"][len("<answer>"):-len("</answer>")] for _, n in hard]
+    assert all(len(s) == 5 and s[0] != "0" for s in said)
+    wrong_digits = sum(a != b for (_, n), s in zip(hard, said) for a, b in zip(n["answer"], s))
+    # each digit redrawn with p = 0.3, and a redraw keeps the digit 1 time in 10 (9 for the first)
+    assert 0.22 < wrong_digits / (5 * len(hard)) < 0.32
+    easy = [(c, n) for c, n in zip(clean, noisy) if n["subset"] == "easy"]
+    assert all(c["messages"] == n["messages"] for c, n in easy)
+
+
+def test_synthetic_files_follow_the_recipe_parameters(tmp_path):
+    from metis_cli.data.sources import materialize_synthetic
+    from metis_cli.recipe.load import validate_data
+
+    def recipe(**synthetic_cfg):
+        return validate_data({"run": {"output_dir": str(tmp_path)}, "model": {"name_or_path": "m"},
+                              "data": {"synthetic": {"cold_start_examples": 50, **synthetic_cfg}}})
+
+    first = materialize_synthetic("cold_start", recipe())
+    assert materialize_synthetic("cold_start", recipe()) == first
+    changed = materialize_synthetic("cold_start", recipe(answer_noise=0.5))
+    assert changed != first and changed.read_text() != first.read_text()

@@ -11,7 +11,9 @@ The unmarked tests (weight merging, engine settings) need no vLLM.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import time
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from metis_cli.agent.factory import build_backend, build_engine, build_registry
 from metis_cli.agent.hf_backend import HFBackend
 from metis_cli.agent.rollout import RolloutBatch
+from metis_cli.agent.tools.calculator import CalculatorTool
+from metis_cli.agent.tools.registry import ToolRegistry
 from metis_cli.agent.vllm_backend import checkpoint_weights, engine_kwargs, logprobs_mode_for
 from metis_cli.algo.losses import masked_mean
 from metis_cli.data import synthetic
@@ -209,24 +213,91 @@ def test_a_lora_model_is_served_with_its_adapter_merged(backend, recipe, model_d
     assert _greedy(backend, tokenizer, prompts) == after
 
 
-@pytest.mark.vllm
-def test_multi_turn_tool_rollouts_match_the_hf_backend_after_training(backend, engine_pair, recipe, model_dir,
-                                                                        tokenizer):
-    """Teach the model to call the calculator (a few SFT steps), sync, and compare greedy
-    rollouts: same tokens, same tool calls, same tool turns, through the unchanged RolloutEngine."""
+@pytest.fixture(scope="module")
+def tool_rows():
+    return synthetic.cold_start_trajectories(8, seed=0, direct_answer_share=0.0)
+
+
+@pytest.fixture(scope="module")
+def tool_caller(recipe, model_dir, tokenizer, tool_rows):
+    """The tiny model after a few SFT steps on calculator trajectories: it calls the tool."""
     model = _fresh_model(model_dir)
     tools = build_registry(recipe).specs()
-    rows = [r for r in synthetic.cold_start_trajectories(8, seed=0, direct_answer_share=0.0)]
-    _fit(model, [tokenize_conversation(tokenizer, r["messages"], tools) for r in rows], steps=40)
-    backend.update_weights(model)
+    _fit(model, [tokenize_conversation(tokenizer, r["messages"], tools) for r in tool_rows], steps=40)
+    return model
+
+
+@pytest.mark.vllm
+def test_multi_turn_tool_rollouts_match_the_hf_backend_after_training(backend, engine_pair, tool_caller, tool_rows):
+    """Sync the tool-calling model and compare greedy rollouts: same tokens, same tool calls, same
+    tool turns, vLLM (continuous batching) vs HF (turn waves), through the same RolloutEngine."""
+    backend.update_weights(tool_caller)
     vllm_engine, hf_engine = engine_pair
-    prompts = [r["messages"][:2] for r in rows[:4]]
+    assert vllm_engine.continuous
+    prompts = [r["messages"][:2] for r in tool_rows[:4]]
     from_vllm = vllm_engine.run(prompts, group_size=2, greedy=True)
-    from_hf = hf_engine(model).run(prompts, group_size=2, greedy=True)
+    from_hf = hf_engine(tool_caller).run(prompts, group_size=2, greedy=True)
     assert sum(r.tool_calls for r in from_hf) >= 4 and max(r.num_turns for r in from_hf) >= 2
     assert [r.token_ids for r in from_vllm] == [r.token_ids for r in from_hf]
     assert [r.messages for r in from_vllm] == [r.messages for r in from_hf]
     assert [r.loss_mask for r in from_vllm] == [r.loss_mask for r in from_hf]
+
+
+class _SlowFirstCall(CalculatorTool):
+    """The calculator, but the first call it gets takes `delay_s` (one slow tool call among fast
+    ones); records when the slow call returned."""
+
+    def __init__(self, delay_s: float):
+        super().__init__()
+        self.delay_s, self.calls, self.slow_returned_at = delay_s, 0, None
+
+    async def call(self, arguments):
+        self.calls += 1
+        if self.calls > 1:
+            return await super().call(arguments)
+        await asyncio.sleep(self.delay_s)
+        self.slow_returned_at = time.perf_counter()
+        return await super().call(arguments)
+
+
+@pytest.mark.vllm
+def test_a_rollout_moves_on_as_soon_as_its_own_tool_returns(backend, recipe, tool_caller, tool_rows, tokenizer,
+                                                           monkeypatch):
+    """Continuous batching: while one rollout's tool call is still running, the others' next
+    turns are already generating; and the rollouts are the very ones turn-synchronous waves give."""
+    backend.update_weights(tool_caller)
+    tool = _SlowFirstCall(delay_s=1.5)
+    registry = ToolRegistry([tool], timeout_s=10, max_calls_per_rollout=2, max_concurrency=8)
+    prompts = [r["messages"][:2] for r in tool_rows]
+    submitted = []
+    submit = backend.submit
+    monkeypatch.setattr(backend, "submit", lambda key, prompt, **kw: (submitted.append((key, time.perf_counter())),
+                                                                       submit(key, prompt, **kw))[1])
+    continuous = build_engine(recipe, backend, tokenizer, registry).run(prompts, group_size=1, greedy=True)
+    assert sum(r.tool_calls > 0 for r in continuous) >= 3 and tool.slow_returned_at is not None
+    later_turns_before_the_slow_call_returned = [key for key, at in submitted
+                                                 if key >= len(prompts) and at < tool.slow_returned_at]
+    assert len(later_turns_before_the_slow_call_returned) >= 2
+
+    monkeypatch.undo()
+    waves = build_engine(recipe.model_copy(update={"rollout": recipe.rollout.model_copy(
+        update={"vllm": recipe.rollout.vllm.model_copy(update={"continuous": False})})}),
+        backend, tokenizer, registry)
+    assert not waves.continuous
+    by_waves = waves.run(prompts, group_size=1, greedy=True)
+    assert [r.token_ids for r in continuous] == [r.token_ids for r in by_waves]
+    assert [r.messages for r in continuous] == [r.messages for r in by_waves]
+
+
+@pytest.mark.vllm
+def test_continuous_sampling_repeats_with_its_seed(backend, engine_pair, tool_caller, tool_rows):
+    backend.update_weights(tool_caller)
+    vllm_engine, _ = engine_pair
+    prompts = [r["messages"][:2] for r in tool_rows[:4]]
+    first = vllm_engine.run(prompts, group_size=4, seed=11)
+    assert len({tuple(r.token_ids) for r in first}) > 4  # samples of one prompt differ
+    assert [r.token_ids for r in vllm_engine.run(prompts, group_size=4, seed=11)] == [r.token_ids for r in first]
+    assert [r.token_ids for r in vllm_engine.run(prompts, group_size=4, seed=12)] != [r.token_ids for r in first]
 
 
 def _fit(model, examples: list[tuple[list[int], list[int]]], *, steps: int) -> None:

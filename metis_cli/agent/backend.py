@@ -58,3 +58,38 @@ class GenerationBackend(Protocol):
     def update_weights(self, model) -> None:
         """Make later generate calls sample from `model`'s current weights."""
         ...
+
+
+@runtime_checkable
+class ContinuousBackend(GenerationBackend, Protocol):
+    """A backend that also takes continuations one at a time while it generates others
+    (continuous batching); the rollout engine then starts each rollout's next turn as soon as
+    its tool returns. Sampling contract as in `generate`, one continuation per `submit`."""
+
+    def submit(
+        self,
+        key: int,
+        prompt: list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_token_ids: list[int],
+        greedy: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        """Start one continuation of `prompt`; `poll` returns it under `key`."""
+        ...
+
+    def poll(self) -> list[tuple[int, Generation]]:
+        """Advance generation by one step; (key, Generation) of the continuations finished in it."""
+        ...
+
+    def cancel(self) -> None:
+        """Drop every continuation submitted and not yet returned."""
+        ...
+
+    @property
+    def pending(self) -> int:
+        """Continuations submitted and not yet returned by `poll`."""
+        ...

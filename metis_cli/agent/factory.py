@@ -36,4 +36,5 @@ def build_engine(recipe, backend, tokenizer, registry, *, max_turns: int | None 
         max_total_tokens=rollout.max_total_tokens,
         temperature=rollout.temperature if temperature is None else temperature,
         top_p=rollout.top_p,
+        continuous=rollout.vllm.continuous,
     )

@@ -1,11 +1,17 @@
 """The multi-turn rollout engine: prompts x G samples -> token ids, loss masks, sampler log-probs.
 
-Tool use lives inside the sampler. Each turn, every unfinished rollout generates together (one
-backend call) until `</tool_call>`, the end-of-turn token, or a length limit. A turn that stopped
-at `</tool_call>` has its call parsed and run (all rollouts' calls concurrently through the tool
-registry); the results become `tool` turns, and the template text that closes the assistant
+Tool use lives inside the sampler. A turn generates until `</tool_call>`, the end-of-turn token,
+or a length limit. A turn that stopped at `</tool_call>` has its call parsed and run through the
+tool registry; the results become `tool` turns, and the template text that closes the assistant
 turn, shows the tool turns and opens the next assistant turn is queued as forced tokens with
 loss mask 0 (data/chat.py `continuation_after_tools`). The model never trains on tool output.
+
+Two schedules, same rollouts:
+- continuous batching (backends with `submit`/`poll`, i.e. vLLM; `rollout.vllm.continuous`):
+  each rollout moves on its own -- the moment its tool returns, its next turn joins the
+  backend's running batch -- so no rollout waits for the slowest one of its turn;
+- turn-synchronous waves (the HF backend): each turn, every unfinished rollout generates in one
+  backend call, then all their tool calls run concurrently.
 
 Precisely what gets loss mask 1: the tokens the backend sampled, and nothing else -- the same set
 `data.chat.tokenize_conversation` marks for SFT. A rollout ends when a turn ends without a tool
@@ -19,13 +25,18 @@ Must not touch: rewards (rewards/*), advantages and losses (algo/*), sampling in
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
-from metis_cli.agent.backend import GenerationBackend
+from metis_cli.agent.backend import ContinuousBackend, Generation, GenerationBackend
 from metis_cli.agent.parser import parse_tool_calls
 from metis_cli.data.chat import TOOL_CALL_END, continuation_after_tools, end_of_turn_id, prompt_ids
 from metis_cli.errors import ModelError
@@ -141,8 +152,10 @@ class RolloutEngine:
         max_total_tokens: int,
         temperature: float,
         top_p: float,
+        continuous: bool = True,
     ):
         self.backend = backend
+        self.continuous = continuous
         self.tokenizer = tokenizer
         self.tools = tools
         self.max_turns = max_turns
@@ -183,20 +196,25 @@ class RolloutEngine:
                             [dict(m) for m in messages])
                 )
         active = [r for r in rollouts if not self._out_of_room(r)]
+        forced_cache: dict[str, list[int]] = {}
+        if self.continuous and isinstance(self.backend, ContinuousBackend):
+            self._run_continuous(rollouts, active, greedy, use_tools, seed, tool_specs, forced_cache, on_progress)
+            return rollouts
         turn = 0
         while active:
             turn += 1
             awaiting_tools = self._generate_turn(active, greedy, use_tools, None if seed is None else seed + turn)
             if awaiting_tools:
-                self._run_tools(awaiting_tools, tool_specs)
+                self._run_tools(awaiting_tools, tool_specs, forced_cache)
             active = [r for r in awaiting_tools if r.finish_reason is None]
             if on_progress is not None:
                 on_progress(sum(r.finish_reason is not None for r in rollouts), len(rollouts))
         return rollouts
 
+    # ------------------------------------------------------------------ turn-synchronous waves
     def _generate_turn(self, active: list[Rollout], greedy: bool, use_tools: bool, seed: int | None) -> list[Rollout]:
         """One backend call for every active rollout; returns those that stopped at a tool call to run."""
-        budgets = [min(self.max_new_tokens_per_turn, self.max_total_tokens - len(r.token_ids)) for r in active]
+        budgets = [self._turn_budget(r) for r in active]
         started = time.perf_counter()
         generations = self.backend.generate(
             [r.token_ids for r in active],
@@ -208,58 +226,161 @@ class RolloutEngine:
             seed=seed,
         )
         generation_s = time.perf_counter() - started
-        awaiting_tools = []
-        for rollout, generation, budget in zip(active, generations, budgets):
-            # One call serves all rows, so rows with less room left are cut to their own budget.
-            token_ids = generation.token_ids[:budget]
-            stopped = generation.finish_reason == "stop" and len(generation.token_ids) <= budget
-            rollout._append(token_ids, generation.logprobs[:budget])
-            rollout.num_turns += 1
-            rollout.generation_s += generation_s
-            content_ids = token_ids[:-1] if stopped and token_ids[-1] in self.end_of_turn_ids else token_ids
-            content = self.tokenizer.decode(content_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            rollout.messages.append({"role": "assistant", "content": content})
-            if not stopped:
-                rollout.finish_reason = "length"
-            elif token_ids[-1] != self.tool_call_end_id or not use_tools:
-                rollout.finish_reason = "answer" if extract_answer(content) is not None else "eos"
-            elif rollout.num_turns >= self.max_turns:
-                rollout.finish_reason = "max_turns"
-            else:
-                awaiting_tools.append(rollout)
-        return awaiting_tools
+        return [rollout for rollout, generation, budget in zip(active, generations, budgets)
+                if self._end_turn(rollout, generation, budget, use_tools, generation_s)]
 
-    def _run_tools(self, rollouts: list[Rollout], tool_specs: list[dict] | None) -> None:
+    def _run_tools(self, rollouts: list[Rollout], tool_specs: list[dict] | None, forced_cache: dict) -> None:
         """Run every rollout's tool call(s) in one concurrent registry call; queue results as forced tokens."""
-        requests, owners = [], []
-        for rollout in rollouts:
-            for offset, call in enumerate(parse_tool_calls(rollout.messages[-1]["content"])):
-                requests.append((call, rollout.tool_calls + offset))
-                owners.append(rollout)
-        results = self.tools.execute_many(requests)
-        tool_messages: dict[int, list[dict]] = {id(r): [] for r in rollouts}
-        for (call, _), result, rollout in zip(requests, results, owners):
+        requests = [self._tool_requests(rollout) for rollout in rollouts]
+        results = iter(self.tools.execute_many([request for per_rollout in requests for request in per_rollout]))
+        for rollout, per_rollout in zip(rollouts, requests):
+            self._show_tool_results(rollout, per_rollout, [next(results) for _ in per_rollout], tool_specs,
+                                    forced_cache)
+
+    # ------------------------------------------------------------------ continuous batching
+    def _run_continuous(self, rollouts: list[Rollout], active: list[Rollout], greedy: bool, use_tools: bool,
+                        seed: int | None, tool_specs: list[dict] | None, forced_cache: dict,
+                        on_progress: Callable[[int, int], None] | None) -> None:
+        """Every rollout moves on its own: its next turn is submitted the moment its tool results
+        are in, while the backend keeps generating the others (no turn-wide barrier). Tools run
+        on an event loop in a helper thread; tokenizing and the backend stay on this thread."""
+        backend = self.backend
+        in_flight: dict[int, tuple[Rollout, int, float]] = {}  # key -> (rollout, budget, submitted at)
+        tool_jobs: dict[Future, tuple[Rollout, list]] = {}
+        position = {id(rollout): index for index, rollout in enumerate(rollouts)}
+
+        def submit(rollout: Rollout) -> None:
+            budget = self._turn_budget(rollout)
+            key = len(position) * rollout.num_turns + position[id(rollout)]
+            in_flight[key] = (rollout, budget, time.perf_counter())
+            backend.submit(key, rollout.token_ids, max_new_tokens=budget, temperature=self.temperature,
+                           top_p=self.top_p, stop_token_ids=self.stop_ids, greedy=greedy,
+                           seed=None if seed is None else _request_seed(seed, key))
+
+        with _ToolLoop() as tool_loop, _cancelled_on_error(backend):
+            for rollout in active:
+                submit(rollout)
+            while in_flight or tool_jobs:
+                if in_flight:
+                    finished = backend.poll()
+                    if not finished and not backend.pending:
+                        raise RuntimeError(f"the backend lost {len(in_flight)} submitted continuation(s)")
+                else:
+                    wait(tool_jobs, return_when=FIRST_COMPLETED)
+                    finished = []
+                for key, generation in finished:
+                    rollout, budget, submitted = in_flight.pop(key)
+                    if self._end_turn(rollout, generation, budget, use_tools, time.perf_counter() - submitted):
+                        requests = self._tool_requests(rollout)
+                        tool_jobs[tool_loop.run(self._execute(requests))] = (rollout, requests)
+                for job in [job for job in tool_jobs if job.done()]:
+                    rollout, requests = tool_jobs.pop(job)
+                    self._show_tool_results(rollout, requests, job.result(), tool_specs, forced_cache)
+                    if rollout.finish_reason is None:
+                        submit(rollout)
+                if on_progress is not None and finished:
+                    on_progress(sum(r.finish_reason is not None for r in rollouts), len(rollouts))
+
+    async def _execute(self, requests: list) -> list:
+        return list(await asyncio.gather(*(self.tools.execute(call, so_far) for call, so_far in requests)))
+
+    # ------------------------------------------------------------------ one rollout's turn
+    def _turn_budget(self, rollout: Rollout) -> int:
+        return min(self.max_new_tokens_per_turn, self.max_total_tokens - len(rollout.token_ids))
+
+    def _end_turn(self, rollout: Rollout, generation: Generation, budget: int, use_tools: bool,
+                  generation_s: float) -> bool:
+        """Append a finished turn's tokens and decide what comes next: True if the turn stopped at
+        a tool call to run, else the rollout gets its finish_reason."""
+        # One backend call may serve several rows, so rows with less room left are cut to their own budget.
+        token_ids = generation.token_ids[:budget]
+        stopped = generation.finish_reason == "stop" and len(generation.token_ids) <= budget
+        rollout._append(token_ids, generation.logprobs[:budget])
+        rollout.num_turns += 1
+        rollout.generation_s += generation_s
+        content_ids = token_ids[:-1] if stopped and token_ids[-1] in self.end_of_turn_ids else token_ids
+        content = self.tokenizer.decode(content_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        rollout.messages.append({"role": "assistant", "content": content})
+        if not stopped:
+            rollout.finish_reason = "length"
+        elif token_ids[-1] != self.tool_call_end_id or not use_tools:
+            rollout.finish_reason = "answer" if extract_answer(content) is not None else "eos"
+        elif rollout.num_turns >= self.max_turns:
+            rollout.finish_reason = "max_turns"
+        else:
+            return True
+        return False
+
+    def _tool_requests(self, rollout: Rollout) -> list[tuple]:
+        """(parsed call, calls the rollout made before it) for each call in its last turn."""
+        return [(call, rollout.tool_calls + offset)
+                for offset, call in enumerate(parse_tool_calls(rollout.messages[-1]["content"]))]
+
+    def _show_tool_results(self, rollout: Rollout, requests: list[tuple], results: list, tool_specs: list[dict] | None,
+                           forced_cache: dict) -> None:
+        """Record the calls' results as `tool` turns and queue their rendering as forced tokens."""
+        tool_messages = []
+        for (call, _), result in zip(requests, results):
             message = {"role": "tool", "content": result.text}
             if call.name:
                 message["name"] = call.name
-            tool_messages[id(rollout)].append(message)
+            tool_messages.append(message)
             rollout.tool_calls += 1
             rollout.tool_s += result.runtime_s
             if result.error:
                 rollout.tool_errors[result.error] = rollout.tool_errors.get(result.error, 0) + 1
-        for rollout in rollouts:
-            forced = continuation_after_tools(self.tokenizer, rollout.messages, tool_messages[id(rollout)], tool_specs)
-            rollout.messages += tool_messages[id(rollout)]
-            if len(rollout.token_ids) + len(forced) >= self.max_total_tokens:
-                rollout.finish_reason = "length"  # no room to show the result and generate after it
-                continue
-            rollout._append(forced, None)
+        # The G samples of a group often make the very same call: render each distinct history once.
+        cache_key = json.dumps([rollout.messages, tool_messages], sort_keys=True)
+        forced = forced_cache.get(cache_key)
+        if forced is None:
+            forced = forced_cache[cache_key] = continuation_after_tools(
+                self.tokenizer, rollout.messages, tool_messages, tool_specs)
+        rollout.messages += tool_messages
+        if len(rollout.token_ids) + len(forced) >= self.max_total_tokens:
+            rollout.finish_reason = "length"  # no room to show the result and generate after it
+            return
+        rollout._append(forced, None)
 
     def _out_of_room(self, rollout: Rollout) -> bool:
         if len(rollout.token_ids) < self.max_total_tokens:
             return False
         rollout.finish_reason = "length"
         return True
+
+
+def _request_seed(seed: int, key: int) -> int:
+    """A per-request seed: distinct for every (step seed, rollout, turn) key."""
+    return (seed * 1_000_003 + key) * 65_537
+
+
+@contextmanager
+def _cancelled_on_error(backend):
+    """If a run stops half-way (a bug, Ctrl-C), drop its unfinished requests from the backend so
+    they cannot surface in the next run."""
+    try:
+        yield
+    except BaseException:
+        backend.cancel()
+        raise
+
+
+class _ToolLoop:
+    """An asyncio event loop in a helper thread: `run(coroutine)` returns a concurrent Future, so
+    tool calls proceed while this thread keeps driving the generation backend."""
+
+    def __enter__(self) -> _ToolLoop:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="metis-tools", daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self, coroutine) -> Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def __exit__(self, *exc_info) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
 
 
 def _single_token_id(tokenizer, text: str) -> int:

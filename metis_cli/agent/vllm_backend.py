@@ -51,6 +51,9 @@ class VllmBackend:
         self.llm = llm
         self.max_model_len = max_model_len
         self.logprobs_mode = logprobs_mode
+        self._in_flight: dict[str, int] = {}  # vLLM request id -> the caller's key (submit/poll)
+        self._done_without_engine: list[tuple[int, Generation]] = []
+        self._next_request = 0
 
     @classmethod
     def from_recipe(cls, recipe, *, model_path: str | None = None, tokenizer=None) -> VllmBackend:
@@ -86,7 +89,6 @@ class VllmBackend:
         greedy: bool = False,
         seed: int | None = None,
     ) -> list[Generation]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         greedy = greedy or temperature <= 0
@@ -104,17 +106,11 @@ class VllmBackend:
                 continue
             requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
             owners.append(indices)
-            params.append(SamplingParams(
+            # vLLM seeds child i of a request with seed + i; the stride keeps requests apart.
+            params.append(_sampling_params(
                 # Greedy copies are identical: generate one and share it (vLLM wants n=1 there).
-                n=1 if greedy else len(indices),
-                temperature=0.0 if greedy else temperature,
-                top_p=1.0 if greedy else top_p,
-                max_tokens=room,
-                stop_token_ids=list(stop_token_ids),
-                ignore_eos=True,
-                logprobs=0,
-                detokenize=False,
-                # vLLM seeds child i of a request with seed + i; the stride keeps requests apart.
+                n=1 if greedy else len(indices), max_tokens=room, temperature=temperature, top_p=top_p,
+                stop_token_ids=stop_token_ids, greedy=greedy,
                 seed=None if seed is None else (seed * 1_000_003 + request_index) * 65_536,
             ))
         if requests:
@@ -124,6 +120,57 @@ class VllmBackend:
                 for slot, index in enumerate(indices):
                     results[index] = _to_generation(completions[0 if greedy else slot])
         return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ continuous batching
+    def submit(
+        self,
+        key: int,
+        prompt: list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_token_ids: list[int],
+        greedy: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        """Start one continuation of `prompt` now, alongside whatever the engine is generating;
+        `poll` hands it back under `key` when it is done. Same sampling contract as `generate`,
+        with `seed` seeding this one continuation."""
+        from vllm.inputs import TokensPrompt
+
+        greedy = greedy or temperature <= 0
+        room = min(max_new_tokens, self.max_model_len - len(prompt))
+        if room <= 0:
+            self._done_without_engine.append((key, Generation([], [], "length")))
+            return
+        request_id = str(self._next_request)
+        self._next_request += 1
+        self._in_flight[request_id] = key
+        params = _sampling_params(n=1, max_tokens=room, temperature=temperature, top_p=top_p,
+                                  stop_token_ids=stop_token_ids, greedy=greedy, seed=seed, final_only=True)
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+
+    def poll(self) -> list[tuple[int, Generation]]:
+        """One engine step over every submitted continuation; returns (key, Generation) of those
+        that finished in it (possibly none)."""
+        finished, self._done_without_engine = self._done_without_engine, []
+        if self._in_flight:
+            for output in self.llm.llm_engine.step():
+                if output.finished:
+                    finished.append((self._in_flight.pop(output.request_id), _to_generation(output.outputs[0])))
+        return finished
+
+    def cancel(self) -> None:
+        """Drop every continuation submitted and not yet returned."""
+        if self._in_flight:
+            self.llm.llm_engine.abort_request(list(self._in_flight))
+        self._in_flight, self._done_without_engine = {}, []
+
+    @property
+    def pending(self) -> int:
+        """Continuations submitted and not yet returned by `poll`."""
+        return len(self._in_flight) + len(self._done_without_engine)
 
     # ------------------------------------------------------------------------------ weights
     def update_weights(self, model) -> None:
@@ -139,6 +186,28 @@ class VllmBackend:
         if self.llm is not None:
             llm, self.llm = self.llm, None
             _release_engine(llm)
+
+
+def _sampling_params(*, n: int, max_tokens: int, temperature: float, top_p: float, stop_token_ids: list[int],
+                     greedy: bool, seed: int | None, final_only: bool = False):
+    """SamplingParams for the protocol's contract: stop only at the caller's ids, report the
+    sampled token's log-prob, no text."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=n,
+        temperature=0.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
+        max_tokens=max_tokens,
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=True,
+        logprobs=0,
+        detokenize=False,
+        seed=None if seed is None else seed % (1 << 62),
+        # submit/poll only look at finished requests: skip building a partial output every step.
+        output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE,
+    )
 
 
 def _to_generation(completion) -> Generation:

@@ -22,7 +22,7 @@ def synthetic_rows(name: str, synthetic_cfg) -> list[dict]:
         return synthetic.knowledge_examples(cfg.knowledge_examples, cfg.seed)
     if name == "cold_start":
         return synthetic.cold_start_trajectories(
-            cfg.cold_start_examples, cfg.seed + 1, cfg.direct_answer_share, cfg.hard_share
+            cfg.cold_start_examples, cfg.seed + 1, cfg.direct_answer_share, cfg.hard_share, cfg.answer_noise
         )
     if name == "rl":
         return synthetic.rl_prompts(cfg.rl_prompts, cfg.seed + 2, cfg.hard_share)
@@ -32,10 +32,16 @@ def synthetic_rows(name: str, synthetic_cfg) -> list[dict]:
 
 
 def materialize_synthetic(name: str, recipe) -> Path:
-    """Write `synthetic:<name>` to `<run>/data/<name>.jsonl` (atomically, once) and return the path."""
+    """Write `synthetic:<name>` to `<run>/data/<name>-<params digest>.jsonl` (atomically, once per
+    set of `data.synthetic` parameters, so changing one never reuses a stale file) and return it."""
+    import hashlib
+    import json
+
     from metis_cli.data.synthetic import write_jsonl
 
-    path = Path(recipe.run.output_dir) / "data" / f"{name}.jsonl"
+    params = json.dumps(recipe.data.synthetic.model_dump(mode="json"), sort_keys=True)
+    digest = hashlib.blake2b(f"{name}:{params}".encode(), digest_size=4).hexdigest()
+    path = Path(recipe.run.output_dir) / "data" / f"{name}-{digest}.jsonl"
     if not path.exists():
         write_jsonl(synthetic_rows(name, recipe.data.synthetic), path)  # atomic itself
     return path

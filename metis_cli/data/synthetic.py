@@ -101,19 +101,29 @@ def knowledge_examples(n: int, seed: int) -> list[dict]:
 
 
 def cold_start_trajectories(
-    n: int, seed: int, direct_answer_share: float = 0.1, hard_share: float = 0.5
+    n: int, seed: int, direct_answer_share: float = 0.1, hard_share: float = 0.5, answer_noise: float = 0.0
 ) -> list[dict]:
     """`n` full cold-start conversations: mostly blind tool use, like a freshly tool-tuned agent.
 
     Every hard question calls the calculator; of the easy ones, `direct_answer_share` (rounded to a
     whole count) answer directly and the rest call the calculator too. Shares are exact counts,
     not coin flips, and the rows come shuffled.
+
+    `answer_noise` makes the demonstrations imperfect the way distilled cold-start data is: each
+    digit of a hard question's final answer (after the calculator's correct result) is redrawn at
+    random with this probability (`noisy_answer`). The cold-started model then copies the result
+    right on average, so greedy answers stay right, but its *sampled* hard answers are often
+    wrong -- errors RL's accuracy channel can train away, which is what lets the share of groups
+    with >= 2 correct rollouts rise during RL (the implicit curriculum). The row's `answer` stays
+    the exact one.
     """
     _check_share("direct_answer_share", direct_answer_share)
+    _check_share("answer_noise", answer_noise)
     n_hard = _count(n, hard_share, "hard_share")
     n_easy = n - n_hard
     n_direct = round(n_easy * direct_answer_share)
     rng = random.Random(f"cold-start-{seed}")
+    noise_rng = random.Random(f"answer-noise-{seed}")  # its own stream: the questions do not depend on the noise
     plans = ([("hard", False)] * n_hard + [("easy", True)] * n_direct
              + [("easy", False)] * (n_easy - n_direct))
     rng.shuffle(plans)
@@ -128,11 +138,22 @@ def cold_start_trajectories(
             turns = [
                 {"role": "assistant", "content": calculator_call(expression)},
                 {"role": "tool", "name": "calculator", "content": answer},
-                {"role": "assistant", "content": answer_text(answer)},
+                {"role": "assistant", "content": answer_text(
+                    noisy_answer(answer, answer_noise, noise_rng) if subset == "hard" else answer)},
             ]
         rows.append(_row(f"cold-start-{seed}-{index}", subset, _question(expression), answer,
                          turns))
     return rows
+
+
+def noisy_answer(answer: str, noise: float, rng: random.Random) -> str:
+    """`answer` with each digit redrawn uniformly (a leading digit from 1-9) with probability `noise`."""
+    if noise <= 0:
+        return answer
+    return "".join(
+        str(rng.randint(1 if index == 0 else 0, 9)) if rng.random() < noise else digit
+        for index, digit in enumerate(answer)
+    )
 
 
 def rl_prompts(n: int, seed: int, hard_share: float = 0.5) -> list[dict]:

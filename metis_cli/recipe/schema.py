@@ -80,6 +80,10 @@ class SyntheticConfig(Section):
         0.1, ge=0, le=1, description="Share of easy cold-start questions answered without the tool."
     )
     hard_share: float = Field(0.5, ge=0, le=1, description="Share of hard questions in cold-start and RL data.")
+    answer_noise: float = Field(
+        0.0, ge=0, le=1, description="Chance that each digit of a hard cold-start answer is redrawn at random "
+        "(imperfect demonstrations: right on average, often wrong when sampled; RL's accuracy channel fixes it)."
+    )
     rl_prompts: int = Field(2000, ge=0, description="RL prompts.")
     eval_per_subset: int = Field(100, gt=0, description="Held-out eval prompts per subset (easy, hard).")
 
@@ -146,6 +150,10 @@ class VllmConfig(Section):
         1, gt=0, description="GPUs per engine; per-step weight sync needs the in-process engine, so 1."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prefixes.")
+    continuous: bool = Field(
+        True, description="Continuous batching per rollout: a rollout's next turn starts as soon as its tool "
+        "returns, while the others keep generating. false = turn-synchronous waves, like the hf backend."
+    )
 
 
 class RolloutConfig(Section):
