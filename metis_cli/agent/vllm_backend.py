@@ -1,10 +1,12 @@
 """vLLM generation backend: an in-process vLLM engine that samples rollouts, re-synced to the
 trainer's weights after every optimizer step.
 
-It implements agent/backend.py's protocol. Token-id prompts go in as `TokensPrompt`s; identical
-prompts (the G samples of one group) become one request with `n=G`, so their prefill is shared,
-and prefix caching reuses the KV of shared prefixes (system prompt, earlier turns) in whole
-cache blocks across requests and turns.
+It implements agent/backend.py's protocols. Token-id prompts go in as `TokensPrompt`s. Two ways
+in: `generate` (a whole turn of many rollouts at once; identical prompts, the G samples of one
+group, become one request with `n=G`) and `submit`/`poll` (continuous batching: one rollout's
+turn joins the running batch whenever the rollout engine has it ready, and `poll` steps the
+engine and hands back what finished). Prefix caching reuses the KV of shared prefixes (system
+prompt, earlier turns) in whole cache blocks across requests and turns.
 Generation stops only at the caller's stop ids (`ignore_eos`, the model's generation_config is not
 read), exactly like the HF backend.
 
