@@ -191,7 +191,7 @@ class HdpoStage:
 
         from metis_cli.agent.rollout import RolloutBatch
         from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean
-        from metis_cli.train.logprobs import token_logprobs
+        from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt
 
         kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
         if not kept:
@@ -199,34 +199,37 @@ class HdpoStage:
         index = keep.nonzero().squeeze(-1)
         a_acc, a_tool = a_acc[index], (a_tool[index] if a_tool is not None else None)
         batch = RolloutBatch.from_rollouts(kept, self.tokenizer.pad_token_id)
+        prompt_lens = torch.tensor([r.prompt_len for r in kept])
         mask = batch.loss_mask
         acc_total = float(mask.sum())
         tool_total = float(mask[a_tool != 0].sum()) if a_tool is not None else None
         temperature = self.recipe.rollout.temperature
-        size = self.cfg.micro_batch_size
-        # Micro-batches of similar length, each trimmed to its longest rollout: less padding through
-        # forward/backward. The loss is unchanged: it divides by batch-wide token totals.
+        # Micro-batches hold whole groups, so each prompt runs once per micro-batch and its KV cache
+        # serves all of the group's rollouts; each is trimmed to its longest rollout. The loss is
+        # unchanged: it divides by batch-wide token totals.
         lengths = batch.attention_mask.sum(1)
-        chunks = [(rows, int(lengths[rows].max())) for rows in torch.argsort(lengths, descending=True).split(size)]
+        chunks = [(rows, int(lengths[rows].max()))
+                  for rows in micro_batches_by_prompt(batch.group_ids, lengths, self.cfg.micro_batch_size)]
 
         def cut(tensor, chunk):
             rows, width = chunk
             return (tensor[rows, :width] if tensor.dim() == 2 else tensor[rows]).to(self.device)
 
-        def forward(chunk, with_entropy=False):
-            return token_logprobs(self.model, cut(batch.input_ids, chunk), cut(batch.attention_mask, chunk),
-                                  temperature=temperature, with_entropy=with_entropy)
+        def forward(model, chunk, with_entropy=False):
+            return grouped_token_logprobs(model, cut(batch.input_ids, chunk),
+                                          cut(batch.attention_mask, chunk), cut(prompt_lens, chunk),
+                                          temperature=temperature, with_entropy=with_entropy)
 
         old_logp = None
         if self.cfg.ppo_epochs > 1:
             with torch.no_grad():
-                old_logp = [forward(c)[0] for c in chunks]
+                old_logp = [forward(self.model, c)[0] for c in chunks]
         figures = {"loss": 0.0, "loss_acc": 0.0, "loss_tool": 0.0, "clip_frac_acc": 0.0, "clip_frac_tool": 0.0,
                    "kl": 0.0, "entropy": 0.0, "logprob_mismatch": 0.0}
         for epoch in range(self.cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for number, chunk in enumerate(chunks):
-                logp, entropy = forward(chunk, with_entropy=epoch == 0)
+                logp, entropy = forward(self.model, chunk, with_entropy=epoch == 0)
                 chunk_mask = cut(mask, chunk)
                 old = old_logp[number] if old_logp is not None else logp.detach()
                 parts = hdpo_loss(
@@ -239,8 +242,7 @@ class HdpoStage:
                 share = float(chunk_mask.sum()) / max(acc_total, 1.0)
                 if self.reference is not None:
                     with torch.no_grad():
-                        ref_logp, _ = token_logprobs(self.reference, cut(batch.input_ids, chunk),
-                                                     cut(batch.attention_mask, chunk), temperature=temperature)
+                        ref_logp, _ = forward(self.reference, chunk)
                     kl = kl_k3(logp, ref_logp, chunk_mask)
                     loss = loss + self.cfg.kl_coef * kl * share
                     figures["kl"] += float(kl.detach()) * share / self.cfg.ppo_epochs

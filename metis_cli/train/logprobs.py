@@ -1,7 +1,19 @@
 """Per-token log-probs (and entropy) of a batch under a model, the trainer's side of the
-log-prob definition in agent/backend.py: `log_softmax(logits / temperature)[token]`."""
+log-prob definition in agent/backend.py: `log_softmax(logits / temperature)[token]`.
+
+Two ways to get them for a batch of rollouts:
+- `token_logprobs`: one forward over every full row.
+- `grouped_token_logprobs`: the rollouts of one prompt (a group, G of them) share their prompt
+  tokens, so each distinct prompt runs once, its KV cache is copied to the group's rows and only
+  the continuations (assistant turns and tool turns) run per row. Forward and backward over the
+  prompt cost 1/G of the plain way; with long system prompts and tool listings that is most of the
+  update. Same numbers as `token_logprobs` on every continuation token (float rounding aside).
+`micro_batches_by_prompt` splits a batch so that whole groups land in one micro-batch.
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +27,168 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     Returns: logp [N, L] float32 where column t is log p(input_ids[:, t] | input_ids[:, :t]) and
     column 0 is 0 (no prefix); entropy [N, L] of the same distributions (or None).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    picked, entropy = _pick(logits, input_ids[:, 1:], temperature, with_entropy)
+    zeros = torch.zeros_like(picked[:, :1])
+    return torch.cat([zeros, picked], dim=1), (torch.cat([zeros, entropy], dim=1) if with_entropy else None)
+
+
+def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
+                           *, temperature: float = 1.0, with_entropy: bool = False):
+    """`token_logprobs` on the continuation tokens, running each distinct prompt once.
+
+    Rows whose first `prompt_lens` tokens are identical share one prompt pass (rows are grouped by
+    those tokens themselves, so a wrong grouping cannot happen). The prompt pass is batched over
+    the distinct prompts, left-padded; its KV cache is indexed out to the rows (autograd flows back
+    through it, so the prompt's hidden states get their gradient); then the continuations run
+    right-padded against the full attention mask with explicit position ids. The first
+    continuation token's log-prob comes from the prompt's last-position logits.
+
+    Args:
+        input_ids, attention_mask: [N, L] right-padded rows (as in agent.rollout.RolloutBatch).
+        prompt_lens: [N] long, tokens of each row's prompt; each >= 1 and <= its row's length.
+    Returns:
+        logp [N, L] float32: column t (prompt_lens[i] <= t < row length) is
+        log p(input_ids[i, t] | input_ids[i, :t]), as `token_logprobs` gives it; prompt columns and
+        padding are 0 (the prompt is never trained on). entropy [N, L] likewise (or None).
+    Falls back to one plain forward (prompt columns then zeroed too) when no prompt is shared by
+    two rows, no row has a continuation, or the model cannot share a prompt (`_shares_prompts`).
+    """
+    rows, width = input_ids.shape
+    lengths = attention_mask.sum(1)
+    prompt_lens = prompt_lens.to(input_ids.device)
+    if bool((prompt_lens < 1).any()) or bool((prompt_lens > lengths).any()):
+        raise ValueError("grouped_token_logprobs: every prompt_lens must be in [1, row length]")
+    prompt_of_row, prompts = _distinct_prompts(input_ids, prompt_lens)
+    continuation_width = int((lengths - prompt_lens).max())
+    if len(prompts) == rows or continuation_width == 0 or not _shares_prompts(model):
+        return _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy)
+
+    # Prompt pass: [P, Lp] left-padded, positions counted over real tokens only.
+    prompt_width = max(len(p) for p in prompts)
+    prompt_ids = input_ids.new_zeros((len(prompts), prompt_width))
+    prompt_mask = attention_mask.new_zeros((len(prompts), prompt_width))
+    for number, tokens in enumerate(prompts):
+        prompt_ids[number, prompt_width - len(tokens):] = tokens
+        prompt_mask[number, prompt_width - len(tokens):] = 1
+    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                       use_cache=True, **keep_last)
+    cache = prompt_out.past_key_values
+    if not _is_plain_dynamic_cache(cache) or cache.get_seq_length() != prompt_width:
+        return _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy)
+    first_logits = prompt_out.logits[:, -1][prompt_of_row]  # [N, V]: predicts each row's first continuation token
+    cache.batch_select_indices(prompt_of_row)  # [P, H, Lp, D] -> [N, H, Lp, D] per layer, differentiable
+
+    # Continuation pass: [N, Lc] right-padded; column j is row token prompt_lens + j.
+    columns = prompt_lens.unsqueeze(1) + torch.arange(continuation_width, device=input_ids.device)  # [N, Lc]
+    continuation_mask = (columns < lengths.unsqueeze(1)).to(attention_mask.dtype)
+    continuation_ids = input_ids.gather(1, columns.clamp(max=width - 1))
+    first, first_entropy = _pick(first_logits.unsqueeze(1), continuation_ids[:, :1], temperature, with_entropy)
+    picked, entropy = first, first_entropy
+    if continuation_width > 1:
+        rest_logits = model(input_ids=continuation_ids[:, :-1], attention_mask=torch.cat(
+                                [prompt_mask[prompt_of_row], continuation_mask[:, :-1]], dim=1),
+                            position_ids=columns[:, :-1], past_key_values=cache, use_cache=True).logits
+        rest, rest_entropy = _pick(rest_logits, continuation_ids[:, 1:], temperature, with_entropy)
+        picked = torch.cat([first, rest], dim=1)
+        entropy = torch.cat([first_entropy, rest_entropy], dim=1) if with_entropy else None
+
+    # Back to the rows' own columns; padded continuation columns land past each row's end (and
+    # past L when needed), so every scatter target is distinct.
+    def place(values):
+        values = torch.where(continuation_mask > 0, values, torch.zeros_like(values))
+        return values.new_zeros((rows, width + continuation_width)).scatter(1, columns, values)[:, :width]
+
+    return place(picked), (place(entropy) if with_entropy else None)
+
+
+def micro_batches_by_prompt(group_ids: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices of micro-batches of at most `size` rows that keep groups (rows with one
+    group id) together, so `grouped_token_logprobs` runs each prompt once per micro-batch.
+
+    Groups are taken longest first (micro-batches of similar length pad less) and packed whole;
+    a group larger than `size` is cut into pieces of `size` rows.
+    Args: group_ids, lengths: [N]. Returns: list of [n_b] long tensors covering every row once.
+    """
+    pieces = []
+    for group in group_ids.unique():
+        rows = (group_ids == group).nonzero().squeeze(-1)
+        rows = rows[torch.argsort(lengths[rows], descending=True)]
+        pieces += list(rows.split(size))
+    pieces.sort(key=lambda piece: -int(lengths[piece].max()))
+    batches, current = [], []
+    for piece in pieces:
+        if current and sum(len(p) for p in current) + len(piece) > size:
+            batches.append(torch.cat(current))
+            current = []
+        current.append(piece)
+    if current:
+        batches.append(torch.cat(current))
+    return batches
+
+
+def _pick(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """logits [N, T, V] predicting targets [N, T] -> (log-prob [N, T], entropy [N, T] or None)."""
+    logits = logits.float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     log_probs = F.log_softmax(logits, dim=-1)
-    picked = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    zeros = torch.zeros_like(picked[:, :1])
-    logp = torch.cat([zeros, picked], dim=1)
+    picked = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            ent = -(log_probs.exp() * log_probs).sum(-1)
-        entropy = torch.cat([zeros, ent], dim=1)
-    return logp, entropy
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return picked, entropy
+
+
+def _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy):
+    """`token_logprobs` with prompt and padding columns zeroed, so both paths return one layout."""
+    logp, entropy = token_logprobs(model, input_ids, attention_mask, temperature=temperature, with_entropy=with_entropy)
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    continuation = (columns >= prompt_lens.unsqueeze(1)) & (attention_mask > 0)
+    return logp * continuation, (entropy * continuation if entropy is not None else None)
+
+
+def _distinct_prompts(input_ids: torch.Tensor, prompt_lens: torch.Tensor):
+    """([N] long index of each row's prompt, list of P distinct prompts as 1-D token tensors)."""
+    index: dict[tuple[int, ...], int] = {}
+    prompt_of_row = []
+    for row, length in zip(input_ids, prompt_lens.tolist()):
+        prompt_of_row.append(index.setdefault(tuple(row[:length].tolist()), len(index)))
+    prompts = [torch.tensor(key, dtype=input_ids.dtype, device=input_ids.device) for key in index]
+    return torch.tensor(prompt_of_row, device=input_ids.device), prompts
+
+
+def _base_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _accepts(model, argument: str) -> bool:
+    return argument in inspect.signature(_base_model(model).forward).parameters
+
+
+def _shares_prompts(model) -> bool:
+    """Whether a KV cache of the prompt can stand in for re-running it: not for recurrent-state
+    models, nor sliding-window layers (their cache keeps only a window: rather be plain and exact),
+    nor under gradient checkpointing while training (transformers turns the cache off then)."""
+    base = _base_model(model)
+    if getattr(base, "_is_stateful", False):
+        return False
+    if base.training and getattr(base, "is_gradient_checkpointing", False):
+        return False
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    layer_types = getattr(text_config, "layer_types", None) or []
+    return all(kind == "full_attention" for kind in layer_types)
+
+
+def _is_plain_dynamic_cache(cache) -> bool:
+    """A cache we can index per row: transformers' DynamicCache of full-attention layers (None e.g.
+    when gradient checkpointing turned use_cache off)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
