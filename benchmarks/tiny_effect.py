@@ -5,10 +5,12 @@ model with each estimator (hdpo, grpo, coupled with a small and a large tool-cal
 reports held-out greedy accuracy and tool-call ratio per subset before and after RL, the share
 of groups with |Q| >= 2 over training (the implicit curriculum), and wall times.
 
-The full SFT model already gets most groups right, so its efficiency channel is on from the
-first step. `hdpo-weak-start` starts HDPO from an under-trained cold start (0.4 of an epoch
-of tool-use trajectories) to show the paper's implicit curriculum: few groups with two correct
-rollouts at first, more as accuracy rises.
+The cold start's hard answers are imperfect (`data.synthetic.answer_noise: 0.3`), so at first
+many groups of hard rollouts have fewer than two right answers and get no efficiency signal; as
+RL's accuracy channel sharpens them the share of groups with |Q| >= 2 rises (the paper's
+implicit curriculum). `hdpo-clean-start` runs HDPO from a cold start with exact answers
+(answer_noise 0, its own SFT): nearly every group is right from the first step, so there is no
+curriculum to see.
 
 Run:   .venv/bin/python benchmarks/tiny_effect.py [--out DIR] [--only hdpo grpo ...] [--set run.threads=1]
 Output: <out>/results.json and <out>/results.md (the README table comes from here).
@@ -24,13 +26,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WEAK_SFT = ["sft.phases.1.epochs=0.4"]
-VARIANTS = {
-    "hdpo": ["hdpo.estimator=hdpo"],
-    "hdpo-weak-start": ["hdpo.estimator=hdpo", "hdpo.steps=60"],
-    "grpo": ["hdpo.estimator=grpo"],
-    "coupled-0.1": ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=0.1"],
-    "coupled-1.0": ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=1.0"],
+VARIANTS = {  # name: (sft overrides, hdpo overrides); variants with the same sft overrides share one SFT
+    "hdpo": ([], ["hdpo.estimator=hdpo"]),
+    "hdpo-clean-start": (["data.synthetic.answer_noise=0.0"], ["hdpo.estimator=hdpo"]),
+    "grpo": ([], ["hdpo.estimator=grpo"]),
+    "coupled-0.1": ([], ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=0.1"]),
+    "coupled-1.0": ([], ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=1.0"]),
 }
 
 
@@ -59,27 +60,28 @@ def main() -> None:
     run_dir = out / "run"
     base = [f"run.output_dir={run_dir}", *args.overrides]
     results: dict = {"variants": {}}
-    sft_dir = run_dir / "sft"
-    if not (sft_dir / "DONE.json").exists():
-        results["sft_s"] = metis(["sft", "recipes/tiny.yaml", "--overwrite", "--quiet", *sets(base)])
     for name in args.only:
+        sft_overrides, hdpo_overrides = VARIANTS[name]
+        sft_dir = run_dir / ("sft" if not sft_overrides else "sft-" + name)
+        if not (sft_dir / "DONE.json").exists():
+            seconds = metis(["sft", "recipes/tiny.yaml", "--overwrite", "--quiet",
+                             *sets(base + sft_overrides + [f"sft.output={sft_dir}"])])
+            results.setdefault("sft_s", {})[sft_dir.name] = round(seconds, 1)
         stage_dir = run_dir / f"hdpo-{name}"
-        init = []
-        if name == "hdpo-weak-start":
-            weak_sft = run_dir / "sft-weak"
-            if not (weak_sft / "DONE.json").exists():
-                metis(["sft", "recipes/tiny.yaml", "--overwrite", "--quiet", *sets(base + WEAK_SFT + [f"sft.output={weak_sft}"])])
-            init = [f"hdpo.init_from={weak_sft}/final"]
         seconds = metis(["hdpo", "recipes/tiny.yaml", "--overwrite", "--quiet",
-                         *sets(base + VARIANTS[name] + init + [f"hdpo.output={stage_dir}"])])
+                         *sets(base + sft_overrides + hdpo_overrides
+                               + [f"hdpo.init_from={sft_dir}/final", f"hdpo.output={stage_dir}"])])
         done = json.loads((stage_dir / "DONE.json").read_text())
         records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
         share = curriculum(records)
+        accuracy = [r["accuracy"] for r in records if "efficiency_group_share" in r]
         third = max(1, len(share) // 3)
         results["variants"][name] = {
             "hdpo_s": round(seconds, 1), "before": done["eval_first"], "after": done["eval_last"],
             "efficiency_group_share_first_third": sum(share[:third]) / third,
             "efficiency_group_share_last_third": sum(share[-third:]) / third,
+            "train_accuracy_first_third": sum(accuracy[:third]) / third,
+            "train_accuracy_last_third": sum(accuracy[-third:]) / third,
         }
         print(json.dumps({name: results["variants"][name]}), flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,8 +96,8 @@ def main() -> None:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| estimator | easy acc | easy tool ratio | hard acc | hard tool ratio | share of groups with \\|Q\\|>=2 (first -> last third) | RL wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| estimator | easy acc | easy tool ratio | hard acc | hard tool ratio | share of groups with \\|Q\\|>=2 (first -> last third) | sampled accuracy in training (first -> last third) | RL wall s |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, v in results["variants"].items():
         b, a = v["before"], v["after"]
 
@@ -104,9 +106,10 @@ def markdown(results: dict) -> str:
 
         lines.append(f"| {name} | {pair('easy', 'accuracy')} | {pair('easy', 'tool_call_ratio')} | "
                      f"{pair('hard', 'accuracy')} | {pair('hard', 'tool_call_ratio')} | "
-                     f"{v['efficiency_group_share_first_third']:.2f} -> {v['efficiency_group_share_last_third']:.2f} | {v['hdpo_s']} |")
-    if "sft_s" in results:
-        lines.append(f"\nSFT (cold start) wall time: {results['sft_s']:.0f} s")
+                     f"{v['efficiency_group_share_first_third']:.2f} -> {v['efficiency_group_share_last_third']:.2f} | "
+                     f"{v['train_accuracy_first_third']:.2f} -> {v['train_accuracy_last_third']:.2f} | {v['hdpo_s']} |")
+    for sft_name, seconds in results.get("sft_s", {}).items():
+        lines.append(f"\nSFT ({sft_name}) wall time: {seconds:.0f} s")
     return "\n".join(lines) + "\n"
 
 
