@@ -47,7 +47,8 @@ def run_trl(mode: str, model_dir: Path, prompts: list[list[dict]], args, work_di
             "tool_spec": CALCULATOR_TOOL_SPEC, "prompt_ids": prompt_token_ids(model_dir, prompts),
             "max_completion_length": args.max_new_tokens, "max_tool_calls": args.max_tool_calls,
             "temperature": 1.0, "warmup_steps": args.warmup_steps, "steps": args.steps, "mode": mode,
-            "threads": args.threads, "kv_cache_gb": args.kv_cache_gb}
+            "threads": args.threads, "kv_cache_gb": args.kv_cache_gb,
+            "tool_latency_s": getattr(args, "tool_latency_ms", 0.0) / 1000}
     spec_path = work_dir / f"trl_{mode}.json"
     spec_path.write_text(json.dumps(spec))
     result = subprocess.run([str(ensure_trl_venv()), str(BENCHMARKS / "trl_rollouts.py"), str(spec_path)],

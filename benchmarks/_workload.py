@@ -7,7 +7,9 @@ seconds of SFT to call the calculator, so most rollouts are multi-turn (call, to
 answer); the same `--prompts` RL prompts of the synthetic task every step, G = `--group-size`
 samples each, temperature 1, at most `--max-new-tokens` tokens after the prompt, tool output
 included (TRL's max_completion_length; metis: rollout.max_total_tokens = longest prompt + that),
-`--max-tool-calls` calls per rollout, `--threads` torch threads, float32.
+`--max-tool-calls` calls per rollout, `--threads` torch threads, float32. With
+`--tool-latency-ms`, each calculator call also waits that long (asyncio sleep on both sides:
+TRL gets it as an async tool, its fastest tool path), as a tool running elsewhere would.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def add_workload_args(parser: argparse.ArgumentParser, *, steps: int) -> None:
     parser.add_argument("--steps", type=int, default=steps, help="measured steps after the warm-up")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kv-cache-gb", type=float, default=0.5, help="vLLM KV cache (CPU RAM)")
+    parser.add_argument("--tool-latency-ms", type=float, default=0.0,
+                        help="wait added to every calculator call, standing in for a tool that runs elsewhere "
+                             "(a sandboxed code run, a search or web API); 0 = the in-process calculator")
 
 
 def rl_prompt_rows(count: int) -> list[dict]:
@@ -115,3 +120,31 @@ def check_same_tool_listing(specs: list[dict]) -> None:
     if specs != [synthetic.CALCULATOR_TOOL_SPEC]:
         raise SystemExit(f"the calculator registry renders {specs}, the fitting data "
                          f"{[synthetic.CALCULATOR_TOOL_SPEC]}: the workload would differ between sides")
+
+
+class DelayedTool:
+    """`tool` with `latency_s` of waiting added to every call (a remote or sandboxed tool's round
+    trip); same name, description and schema, so prompts do not change."""
+
+    def __init__(self, tool, latency_s: float):
+        self.tool, self.latency_s = tool, latency_s
+        self.name, self.description, self.parameters = tool.name, tool.description, tool.parameters
+
+    async def call(self, arguments: dict):
+        import asyncio
+
+        await asyncio.sleep(self.latency_s)
+        return await self.tool.call(arguments)
+
+
+def workload_registry(recipe, args):
+    """The recipe's tool registry; with --tool-latency-ms, its calculator answers after that wait."""
+    from metis_cli.agent.factory import build_registry
+    from metis_cli.agent.tools.calculator import CalculatorTool
+    from metis_cli.agent.tools.registry import ToolRegistry
+
+    if args.tool_latency_ms <= 0:
+        return build_registry(recipe)
+    tools = recipe.tools
+    return ToolRegistry([DelayedTool(CalculatorTool(), args.tool_latency_ms / 1000)], timeout_s=tools.timeout_s,
+                        max_calls_per_rollout=tools.max_calls_per_rollout, max_concurrency=tools.max_concurrency)

@@ -4,6 +4,7 @@ backend, and TRL's GRPOTrainer (HF generation and vLLM colocate) -- in one run, 
 Run (alone: it uses the CPU fully):
     .venv/bin/python benchmarks/rollout_throughput.py [--prompts 8 --group-size 8 --max-new-tokens 64 --steps 3]
     .venv/bin/python benchmarks/rollout_throughput.py --skip-trl     (metis backends only)
+    .venv/bin/python benchmarks/rollout_throughput.py --tool-latency-ms 50   (a tool with a 50 ms round trip)
 The first run creates benchmarks/.venv-trl (benchmarks/_trl_env.py), so TRL never enters the
 project's venv.
 
@@ -14,6 +15,12 @@ calls, and for vLLM the weight sync every step needs (metis: `update_weights` +
 `RolloutEngine.run`; TRL: `GRPOTrainer._generate`) -- and the tokens the model sampled (tool
 output excluded). tokens_per_s = sum of tokens / sum of seconds. tool-call ratio
 is printed to show the workloads match; metis counts malformed calls too, TRL only parsed ones.
+
+Two regimes. With the in-process calculator (default) a tool call costs microseconds and every
+side is bound by the same model forward passes. With `--tool-latency-ms`, each call waits that
+long first, as a sandboxed code run or a web API would: then how tool calls are scheduled
+matters (metis: concurrently, `tools.max_concurrency` at a time, and with vLLM each rollout's next
+turn starts as soon as its own call returns; TRL: one rollout's calls at a time).
 
 Prints a table and one JSON line with every figure and the ratios vllm/trl_hf, vllm/trl_vllm and
 vllm/hf.
@@ -30,20 +37,21 @@ from pathlib import Path
 import torch
 
 from _trl_env import run_trl
-from _workload import add_workload_args, check_same_tool_listing, prepare_model, rl_prompt_rows, rollout_recipe
+from _workload import (add_workload_args, check_same_tool_listing, prepare_model, rl_prompt_rows, rollout_recipe,
+                       workload_registry)
 
 
 def metis_rollouts(backend_name: str, model_dir: Path, prompts: list[list[dict]], args) -> dict:
     """args.warmup_steps + args.steps steps of RolloutEngine.run on one backend; the warm-up ones are dropped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from metis_cli.agent.factory import build_backend, build_engine, build_registry
+    from metis_cli.agent.factory import build_backend, build_engine
     from metis_cli.recipe.load import validate_data
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     recipe = validate_data(rollout_recipe(backend_name, model_dir, prompts, args))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    registry = build_registry(recipe)
+    registry = workload_registry(recipe, args)
     check_same_tool_listing(registry.specs())
     backend = build_backend(recipe, model, tokenizer, model_path=str(model_dir))
     engine = build_engine(recipe, backend, tokenizer, registry)

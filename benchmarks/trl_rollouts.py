@@ -7,7 +7,7 @@ installed there) and never imports metis. Usage, normally via _trl_env.run_trl:
 SPEC.json: {"model_dir", "prompts" (chat messages per prompt), "prompt_ids" (metis's rendering of
 each prompt), "tool_spec" (metis's calculator spec), "group_size", "max_completion_length",
 "max_tool_calls", "temperature", "warmup_steps", "steps", "mode": "hf" | "vllm_colocate", "threads",
-"kv_cache_gb"}. Prints one JSON line: generated tokens (model-sampled, tool output excluded),
+"kv_cache_gb", "tool_latency_s"}. Prints one JSON line: generated tokens (model-sampled, tool output excluded),
 seconds inside GRPOTrainer._generate (generation, tool calls and, for vLLM, the weight sync it does
 at each new step) per measured step, rollouts and tool-call ratio; and `step_s`, each measured
 step's wall time from the trainer's on_step_begin to on_step_end (generation with tools, rewards,
@@ -26,6 +26,7 @@ vLLM repacks linear weights). Neither changes how TRL generates or runs tools.
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import operator
 import os
@@ -57,22 +58,40 @@ def _evaluate(node):
     raise ValueError("only + - * / // % on numbers")
 
 
+def calculator_after(latency_s: float):
+    """The calculator tool TRL runs: `calculator` itself, or with `latency_s` > 0 an async
+    calculator that waits that long first (TRL gathers async tools' calls; sync ones run one by one)."""
+    if latency_s <= 0:
+        return calculator
+
+    async def calculator(expression: str):  # noqa: F811 - TRL names the tool after the function
+        """Evaluate an arithmetic expression.
+
+        Args:
+            expression: The expression to evaluate.
+        """
+        await asyncio.sleep(latency_s)
+        return str(_evaluate(ast.parse(expression, mode="eval").body))
+
+    return calculator
+
+
 def answer_reward(completions, **_) -> list[float]:
     """1 when the last assistant message holds an <answer>; the value does not affect timing."""
     return [float(any(m.get("role") == "assistant" and "<answer>" in str(m.get("content")) for m in c))
             for c in completions]
 
 
-def _render_calculator_as(tool_spec: dict) -> None:
+def _render_tool_as(tool, tool_spec: dict) -> None:
     import transformers.utils.chat_template_utils as chat_template_utils
 
     from_docstring = chat_template_utils.get_json_schema
-    chat_template_utils.get_json_schema = lambda func: tool_spec if func is calculator else from_docstring(func)
+    chat_template_utils.get_json_schema = lambda func: tool_spec if func is tool else from_docstring(func)
 
 
-def _check_same_prompts(tokenizer, prompts: list, expected_ids: list[list[int]]) -> None:
+def _check_same_prompts(tokenizer, tool, prompts: list, expected_ids: list[list[int]]) -> None:
     for index, (messages, expected) in enumerate(zip(prompts, expected_ids, strict=True)):
-        rendered = tokenizer.apply_chat_template(messages, tools=[calculator], add_generation_prompt=True,
+        rendered = tokenizer.apply_chat_template(messages, tools=[tool], add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)["input_ids"]
         if list(rendered) != expected:
             raise SystemExit(f"prompt {index}: TRL renders {len(rendered)} tokens where metis renders "
@@ -130,8 +149,9 @@ def main(spec_path: str) -> None:
     # The tiny model's template is Qwen's layout (tool calls as <tool_call>{json}</tool_call>), but
     # TRL recognises templates by exact text, so its Qwen3 response parser is set by hand.
     tokenizer.response_template = qwen3_template
-    _render_calculator_as(spec["tool_spec"])
-    _check_same_prompts(tokenizer, spec["prompts"], spec["prompt_ids"])
+    tool = calculator_after(spec.get("tool_latency_s", 0.0))
+    _render_tool_as(tool, spec["tool_spec"])
+    _check_same_prompts(tokenizer, tool, spec["prompts"], spec["prompt_ids"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     prompts, group_size = spec["prompts"], spec["group_size"]
     config = GRPOConfig(
@@ -143,7 +163,7 @@ def main(spec_path: str) -> None:
         use_vllm=use_vllm, vllm_mode="colocate", dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=answer_reward, args=config, processing_class=tokenizer,
-                          tools=[calculator], train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
+                          tools=[tool], train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
     steps: list[dict] = []
     generate = trainer._generate
 

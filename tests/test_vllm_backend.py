@@ -271,8 +271,8 @@ def test_a_rollout_moves_on_as_soon_as_its_own_tool_returns(backend, recipe, too
     prompts = [r["messages"][:2] for r in tool_rows]
     submitted = []
     submit = backend.submit
-    monkeypatch.setattr(backend, "submit", lambda key, prompt, **kw: (submitted.append((key, time.perf_counter())),
-                                                                       submit(key, prompt, **kw))[1])
+    monkeypatch.setattr(backend, "submit", lambda keys, prompt, **kw: (
+        submitted.extend((key, time.perf_counter()) for key in keys), submit(keys, prompt, **kw))[1])
     continuous = build_engine(recipe, backend, tokenizer, registry).run(prompts, group_size=1, greedy=True)
     assert sum(r.tool_calls > 0 for r in continuous) >= 3 and tool.slow_returned_at is not None
     later_turns_before_the_slow_call_returned = [key for key, at in submitted

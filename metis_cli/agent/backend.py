@@ -64,11 +64,11 @@ class GenerationBackend(Protocol):
 class ContinuousBackend(GenerationBackend, Protocol):
     """A backend that also takes continuations one at a time while it generates others
     (continuous batching); the rollout engine then starts each rollout's next turn as soon as
-    its tool returns. Sampling contract as in `generate`, one continuation per `submit`."""
+    its tool returns. Sampling contract as in `generate`."""
 
     def submit(
         self,
-        key: int,
+        keys: list[int],
         prompt: list[int],
         *,
         max_new_tokens: int,
@@ -78,7 +78,8 @@ class ContinuousBackend(GenerationBackend, Protocol):
         greedy: bool = False,
         seed: int | None = None,
     ) -> None:
-        """Start one continuation of `prompt`; `poll` returns it under `key`."""
+        """Start len(keys) independent continuations of `prompt` (sharing its prefill); `poll`
+        returns each under its key. Continuation i is seeded with seed + i."""
         ...
 
     def poll(self) -> list[tuple[int, Generation]]:

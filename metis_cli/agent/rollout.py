@@ -4,7 +4,7 @@ Tool use lives inside the sampler. A turn generates until `</tool_call>`, the en
 or a length limit. A turn that stopped at `</tool_call>` has its call parsed and run through the
 tool registry; the results become `tool` turns, and the template text that closes the assistant
 turn, shows the tool turns and opens the next assistant turn is queued as forced tokens with
-loss mask 0 (data/chat.py `continuation_after_tools`). The model never trains on tool output.
+loss mask 0 (data/chat.py `render_tool_turns`). The model never trains on tool output.
 
 Two schedules, same rollouts:
 - continuous batching (backends with `submit`/`poll`, i.e. vLLM; `rollout.vllm.continuous`):
@@ -38,7 +38,7 @@ import torch
 
 from metis_cli.agent.backend import ContinuousBackend, Generation, GenerationBackend
 from metis_cli.agent.parser import parse_tool_calls
-from metis_cli.data.chat import TOOL_CALL_END, continuation_after_tools, end_of_turn_id, prompt_ids
+from metis_cli.data.chat import TOOL_CALL_END, encode_text, end_of_turn_id, render, render_tool_turns
 from metis_cli.errors import ModelError
 from metis_cli.rewards.answer import extract_answer
 from metis_cli.train.tiny import stop_token_ids
@@ -82,6 +82,7 @@ class Rollout:
     generated_tokens: int = 0
     generation_s: float = 0.0
     tool_s: float = 0.0
+    _turn_start: str = field(default="", repr=False)  # rendered text up to the open assistant turn
 
     @property
     def assistant_texts(self) -> list[str]:
@@ -189,14 +190,15 @@ class RolloutEngine:
         tool_specs = self.tools.specs() if use_tools else None
         rollouts = []
         for prompt_index, messages in enumerate(prompts):
-            ids = prompt_ids(self.tokenizer, messages, tool_specs)
+            text = render(self.tokenizer, messages, tool_specs, add_generation_prompt=True)
+            ids = encode_text(self.tokenizer, text)
             for sample_index in range(group_size):
-                rollouts.append(
-                    Rollout(prompt_index, sample_index, list(ids), len(ids), [0] * len(ids), [0.0] * len(ids),
-                            [dict(m) for m in messages])
-                )
+                rollout = Rollout(prompt_index, sample_index, list(ids), len(ids), [0] * len(ids),
+                                  [0.0] * len(ids), [dict(m) for m in messages])
+                rollout._turn_start = text
+                rollouts.append(rollout)
         active = [r for r in rollouts if not self._out_of_room(r)]
-        forced_cache: dict[str, list[int]] = {}
+        forced_cache: dict[str, tuple[list[int], str]] = {}
         if self.continuous and isinstance(self.backend, ContinuousBackend):
             self._run_continuous(rollouts, active, greedy, use_tools, seed, tool_specs, forced_cache, on_progress)
             return rollouts
@@ -249,17 +251,19 @@ class RolloutEngine:
         tool_jobs: dict[Future, tuple[Rollout, list]] = {}
         position = {id(rollout): index for index, rollout in enumerate(rollouts)}
 
-        def submit(rollout: Rollout) -> None:
-            budget = self._turn_budget(rollout)
-            key = len(position) * rollout.num_turns + position[id(rollout)]
-            in_flight[key] = (rollout, budget, time.perf_counter())
-            backend.submit(key, rollout.token_ids, max_new_tokens=budget, temperature=self.temperature,
+        def submit(group: list[Rollout]) -> None:
+            """The next turn of `group`, rollouts at the very same point (one, or a prompt's G at the start)."""
+            budget = self._turn_budget(group[0])
+            keys = [len(position) * rollout.num_turns + position[id(rollout)] for rollout in group]
+            for key, rollout in zip(keys, group):
+                in_flight[key] = (rollout, budget, time.perf_counter())
+            backend.submit(keys, group[0].token_ids, max_new_tokens=budget, temperature=self.temperature,
                            top_p=self.top_p, stop_token_ids=self.stop_ids, greedy=greedy,
-                           seed=None if seed is None else _request_seed(seed, key))
+                           seed=None if seed is None else _request_seed(seed, keys[0]))
 
         with _ToolLoop() as tool_loop, _cancelled_on_error(backend):
-            for rollout in active:
-                submit(rollout)
+            for prompt_index in sorted({r.prompt_index for r in active}):
+                submit([r for r in active if r.prompt_index == prompt_index])
             while in_flight or tool_jobs:
                 if in_flight:
                     finished = backend.poll()
@@ -277,7 +281,7 @@ class RolloutEngine:
                     rollout, requests = tool_jobs.pop(job)
                     self._show_tool_results(rollout, requests, job.result(), tool_specs, forced_cache)
                     if rollout.finish_reason is None:
-                        submit(rollout)
+                        submit([rollout])
                 if on_progress is not None and finished:
                     on_progress(sum(r.finish_reason is not None for r in rollouts), len(rollouts))
 
@@ -331,10 +335,10 @@ class RolloutEngine:
                 rollout.tool_errors[result.error] = rollout.tool_errors.get(result.error, 0) + 1
         # The G samples of a group often make the very same call: render each distinct history once.
         cache_key = json.dumps([rollout.messages, tool_messages], sort_keys=True)
-        forced = forced_cache.get(cache_key)
-        if forced is None:
-            forced = forced_cache[cache_key] = continuation_after_tools(
-                self.tokenizer, rollout.messages, tool_messages, tool_specs)
+        if cache_key not in forced_cache:
+            forced_cache[cache_key] = render_tool_turns(self.tokenizer, rollout.messages, tool_messages, tool_specs,
+                                                        rollout._turn_start)
+        forced, rollout._turn_start = forced_cache[cache_key]
         rollout.messages += tool_messages
         if len(rollout.token_ids) + len(forced) >= self.max_total_tokens:
             rollout.finish_reason = "length"  # no room to show the result and generate after it
@@ -349,7 +353,8 @@ class RolloutEngine:
 
 
 def _request_seed(seed: int, key: int) -> int:
-    """A per-request seed: distinct for every (step seed, rollout, turn) key."""
+    """A per-request seed, distinct for every (step seed, first rollout key); a request's i-th
+    continuation gets this + i, which stays clear of the next key's range."""
     return (seed * 1_000_003 + key) * 65_537
 
 

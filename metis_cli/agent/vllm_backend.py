@@ -34,6 +34,7 @@ import os
 import random
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from metis_cli.agent.backend import Generation
@@ -53,7 +54,7 @@ class VllmBackend:
         self.llm = llm
         self.max_model_len = max_model_len
         self.logprobs_mode = logprobs_mode
-        self._in_flight: dict[str, int] = {}  # vLLM request id -> the caller's key (submit/poll)
+        self._in_flight: dict[str, _Request] = {}  # vLLM request id -> what submit/poll track of it
         self._done_without_engine: list[tuple[int, Generation]] = []
         self._next_request = 0
 
@@ -126,7 +127,7 @@ class VllmBackend:
     # ------------------------------------------------------------------ continuous batching
     def submit(
         self,
-        key: int,
+        keys: list[int],
         prompt: list[int],
         *,
         max_new_tokens: int,
@@ -136,31 +137,52 @@ class VllmBackend:
         greedy: bool = False,
         seed: int | None = None,
     ) -> None:
-        """Start one continuation of `prompt` now, alongside whatever the engine is generating;
-        `poll` hands it back under `key` when it is done. Same sampling contract as `generate`,
-        with `seed` seeding this one continuation."""
+        """Start len(keys) independent continuations of `prompt` now, alongside whatever the engine
+        is generating; `poll` hands each back under its key as soon as it is done. One request with
+        n = len(keys), so the prompt's prefill is shared. Same sampling contract as `generate`;
+        continuation i is seeded with seed + i."""
         from vllm.inputs import TokensPrompt
 
         greedy = greedy or temperature <= 0
         room = min(max_new_tokens, self.max_model_len - len(prompt))
         if room <= 0:
-            self._done_without_engine.append((key, Generation([], [], "length")))
+            self._done_without_engine += [(key, Generation([], [], "length")) for key in keys]
             return
         request_id = str(self._next_request)
         self._next_request += 1
-        self._in_flight[request_id] = key
-        params = _sampling_params(n=1, max_tokens=room, temperature=temperature, top_p=top_p,
-                                  stop_token_ids=stop_token_ids, greedy=greedy, seed=seed, final_only=True)
+        # Greedy copies are identical: one continuation serves every key. Several sampled ones
+        # stream per step (DELTA), so each is handed back when it finishes, not when the last one does.
+        streams = 1 if greedy else len(keys)
+        self._in_flight[request_id] = _Request(list(keys), [[] for _ in range(streams)], [[] for _ in range(streams)])
+        params = _sampling_params(n=streams, max_tokens=room, temperature=temperature, top_p=top_p,
+                                  stop_token_ids=stop_token_ids, greedy=greedy, seed=seed,
+                                  output_kind="final" if streams == 1 else "delta")
         self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
 
     def poll(self) -> list[tuple[int, Generation]]:
         """One engine step over every submitted continuation; returns (key, Generation) of those
         that finished in it (possibly none)."""
         finished, self._done_without_engine = self._done_without_engine, []
-        if self._in_flight:
-            for output in self.llm.llm_engine.step():
+        if not self._in_flight:
+            return finished
+        for output in self.llm.llm_engine.step():
+            request = self._in_flight[output.request_id]
+            if len(request.tokens) == 1:  # one stream, reported once, complete
                 if output.finished:
-                    finished.append((self._in_flight.pop(output.request_id), _to_generation(output.outputs[0])))
+                    generation = _to_generation(output.outputs[0])
+                    finished += [(key, Generation(list(generation.token_ids), list(generation.logprobs),
+                                                  generation.finish_reason)) for key in request.keys]
+            else:
+                for completion in output.outputs:  # new tokens of the streams that moved this step
+                    part = _to_generation(completion)
+                    request.tokens[completion.index] += part.token_ids
+                    request.logprobs[completion.index] += part.logprobs
+                    if completion.finish_reason is not None:
+                        finished.append((request.keys[completion.index], Generation(
+                            request.tokens[completion.index], request.logprobs[completion.index],
+                            "stop" if completion.finish_reason == "stop" else "length")))
+            if output.finished:
+                del self._in_flight[output.request_id]
         return finished
 
     def cancel(self) -> None:
@@ -171,7 +193,7 @@ class VllmBackend:
 
     @property
     def pending(self) -> int:
-        """Continuations submitted and not yet returned by `poll`."""
+        """Requests submitted and not finished, plus results waiting for `poll`."""
         return len(self._in_flight) + len(self._done_without_engine)
 
     # ------------------------------------------------------------------------------ weights
@@ -190,8 +212,17 @@ class VllmBackend:
             _release_engine(llm)
 
 
+@dataclass
+class _Request:
+    """One submitted request: the caller's key per stream, and each stream's tokens so far (DELTA)."""
+
+    keys: list[int]
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+
+
 def _sampling_params(*, n: int, max_tokens: int, temperature: float, top_p: float, stop_token_ids: list[int],
-                     greedy: bool, seed: int | None, final_only: bool = False):
+                     greedy: bool, seed: int | None, output_kind: str = "cumulative"):
     """SamplingParams for the protocol's contract: stop only at the caller's ids, report the
     sampled token's log-prob, no text."""
     from vllm import SamplingParams
@@ -207,8 +238,10 @@ def _sampling_params(*, n: int, max_tokens: int, temperature: float, top_p: floa
         logprobs=0,
         detokenize=False,
         seed=None if seed is None else seed % (1 << 62),
-        # submit/poll only look at finished requests: skip building a partial output every step.
-        output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE,
+        # submit/poll: "final" skips building a partial output every step; "delta" hands over only
+        # new tokens, so a finished stream of an n > 1 request is seen while its siblings run on.
+        output_kind={"final": RequestOutputKind.FINAL_ONLY, "delta": RequestOutputKind.DELTA,
+                     "cumulative": RequestOutputKind.CUMULATIVE}[output_kind],
     )
 
 

@@ -84,6 +84,16 @@ def continuation_after_tools(
     if not messages_so_far or messages_so_far[-1].get("role") != "assistant":
         raise ValueError("continuation_after_tools needs messages ending with the assistant tool-call turn")
     turn_start = render(tokenizer, messages_so_far[:-1], tools, add_generation_prompt=True)
+    return render_tool_turns(tokenizer, messages_so_far, tool_messages, tools, turn_start)[0]
+
+
+def render_tool_turns(
+    tokenizer, messages_so_far: Messages, tool_messages: Messages, tools: list[dict] | None, turn_start: str
+) -> tuple[list[int], str]:
+    """`continuation_after_tools` for a caller that already has `turn_start`, the rendered text of
+    `messages_so_far[:-1]` with the assistant turn opened (the rollout engine keeps it from the
+    previous turn, saving one of three renders). Returns (forced ids, the rendered text up to the
+    newly opened assistant turn: the next call's `turn_start`)."""
     before = render(tokenizer, messages_so_far, tools, add_generation_prompt=False)
     _require_prefix(tokenizer, turn_start, before, "the assistant turn")
     _, closing, ends_with_tool_call = _split_assistant_turn(tokenizer, before[len(turn_start) :])
@@ -95,7 +105,7 @@ def continuation_after_tools(
         )
     after = render(tokenizer, messages_so_far + tool_messages, tools, add_generation_prompt=True)
     _require_prefix(tokenizer, before, after, "the tool turn(s)")
-    return encode_text(tokenizer, closing + after[len(before) :])
+    return encode_text(tokenizer, closing + after[len(before) :]), after
 
 
 def tokenize_conversation(tokenizer, messages: Messages, tools: list[dict] | None) -> tuple[list[int], list[int]]:
