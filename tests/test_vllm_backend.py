@@ -27,12 +27,12 @@ from metis_cli.agent.tools.registry import ToolRegistry
 from metis_cli.agent.vllm_backend import checkpoint_weights, engine_kwargs, logprobs_mode_for
 from metis_cli.algo.losses import masked_mean
 from metis_cli.data import synthetic
-from metis_cli.data.chat import tokenize_conversation
+from metis_cli.data.chat import stop_token_ids, tokenize_conversation
 from metis_cli.errors import ModelError, RecipeError
 from metis_cli.recipe.load import validate_data
 from metis_cli.train.logprobs import token_logprobs
 from metis_cli.train.model import apply_lora
-from metis_cli.train.tiny import build_tiny_model, stop_token_ids
+from metis_cli.train.tiny import build_tiny_model
 
 SAMPLING_TEMPERATURE = 0.7  # not 1, so the test sees that vLLM's log-probs include the temperature
 

@@ -38,10 +38,9 @@ import torch
 
 from metis_cli.agent.backend import ContinuousBackend, Generation, GenerationBackend
 from metis_cli.agent.parser import parse_tool_calls
-from metis_cli.data.chat import TOOL_CALL_END, encode_text, end_of_turn_id, render, render_tool_turns
+from metis_cli.data.chat import TOOL_CALL_END, encode_text, end_of_turn_id, render, render_tool_turns, stop_token_ids
 from metis_cli.errors import ModelError
 from metis_cli.rewards.answer import extract_answer
-from metis_cli.train.tiny import stop_token_ids
 
 if TYPE_CHECKING:
     from metis_cli.agent.tools.registry import ToolRegistry

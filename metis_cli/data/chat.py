@@ -51,6 +51,23 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids a rollout must stop generating at, for any chat tokenizer.
+
+    The ids of `</tool_call>` (pause to run the tool) and `<|im_end|>` / the eos token (turn over),
+    each included only when the tokenizer spells it as one token; otherwise the caller has to stop
+    on the string instead. Order is stable and ids are unique.
+    """
+    stop_ids: list[int] = []
+    for text in (TOOL_CALL_END, CHATML_END_OF_TURN):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] not in stop_ids:
+            stop_ids.append(ids[0])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
+        stop_ids.append(tokenizer.eos_token_id)
+    return stop_ids
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of one rendered piece; the template already wrote every special token."""
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -190,23 +190,6 @@ def build_tiny_tokenizer():
     )
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids a rollout must stop generating at, for any chat tokenizer.
-
-    The ids of `</tool_call>` (pause to run the tool) and `<|im_end|>` / the eos token (turn over),
-    each included only when the tokenizer spells it as one token; otherwise the caller has to stop
-    on the string instead. Order is stable and ids are unique.
-    """
-    stop_ids: list[int] = []
-    for text in ("</tool_call>", END_OF_TURN_TOKEN):
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) == 1 and ids[0] not in stop_ids:
-            stop_ids.append(ids[0])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
-        stop_ids.append(tokenizer.eos_token_id)
-    return stop_ids
-
-
 def _merge_training_texts() -> list[str]:
     """The task's conversations rendered with the chat template, minus the added tokens.
 
