@@ -18,7 +18,9 @@ import typer
 
 from metis_cli.errors import MetisError
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+RecipeArg = Annotated[
+    Path, typer.Argument(help="Recipe YAML file, or a built-in recipe's name (metis recipes list).", show_default=False)
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe field: section.field=value (repeatable)."),

@@ -10,6 +10,7 @@ from metis_cli.cli.completion import completion
 from metis_cli.cli.curate import curate
 from metis_cli.cli.eval import eval_command
 from metis_cli.cli.train import hdpo, run, sft
+from metis_cli.cli import recipes as recipes_cli
 from metis_cli.cli import tools as tools_cli
 from metis_cli.cli.validate import validate
 from metis_cli.cli.watch import watch
@@ -48,6 +49,7 @@ app.command(name="eval")(eval_command)
 app.command()(chat)
 app.command()(validate)
 app.add_typer(tools_cli.app, name="tools")
+app.add_typer(recipes_cli.app, name="recipes")
 app.command()(watch)
 app.command()(completion)
 

@@ -20,6 +20,26 @@ from metis_cli.errors import RecipeError
 from metis_cli.recipe.schema import Recipe
 
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
+BUILTIN_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+"""The recipes shipped inside the package (the repository's recipes/ links here), so a pipx user
+can run `metis run tiny` or copy one with `metis recipes copy`."""
+RECIPE_DIR_KEY = "recipe_dir"
+"""`${recipe_dir}` in a recipe: the folder the recipe file is in, so a recipe can name files
+shipped next to it wherever it is run from."""
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Name -> path of every built-in recipe."""
+    return {path.stem: path for path in sorted(BUILTIN_RECIPES.glob("*.yaml"))}
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """`path` itself, or the built-in recipe of that name when `path` is a bare name (no such
+    file, no folder part, no suffix): `metis run tiny` works from any folder."""
+    path = Path(path)
+    if not path.exists() and path.parent == Path(".") and not path.suffix and path.name in builtin_recipes():
+        return builtin_recipes()[path.name]
+    return path
 _MAX_INTERPOLATION_DEPTH = 10
 
 FieldPath = tuple[str | int, ...]
@@ -38,7 +58,8 @@ def _read_yaml(path: Path) -> tuple[dict, dict[FieldPath, int]]:
     """Parse the file; return the mapping and the 1-based line of every key path in it."""
     where = str(path)
     if not path.exists():
-        raise RecipeError([f"recipe file not found: {where} (check the path)"])
+        names = ", ".join(builtin_recipes())
+        raise RecipeError([f"recipe file not found: {where} (check the path, or name a built-in recipe: {names})"])
     if path.is_dir():
         raise RecipeError([f"{where} is a directory, expected a recipe YAML file"])
     raw = path.read_bytes()
@@ -129,8 +150,9 @@ def _lookup(root: dict, key: str) -> Any:
     return node
 
 
-def _interpolate(root: dict) -> list[tuple[FieldPath, str]]:
-    """Resolve `${a.b}` in every string of `root` in place; return (path, problem) pairs."""
+def _interpolate(root: dict, recipe_dir: Path | None = None) -> list[tuple[FieldPath, str]]:
+    """Resolve `${a.b}` (and `${recipe_dir}`) in every string of `root` in place; return
+    (path, problem) pairs."""
     problems: list[tuple[FieldPath, str]] = []
 
     def resolve(value: str, path: FieldPath, depth: int) -> str:
@@ -139,6 +161,10 @@ def _interpolate(root: dict) -> list[tuple[FieldPath, str]]:
 
         def replace(match: re.Match) -> str:
             key = match.group(1).strip()
+            if key == RECIPE_DIR_KEY:
+                if recipe_dir is None:
+                    raise ValueError(f"${{{key}}} needs a recipe file (this recipe did not come from one)")
+                return str(recipe_dir)
             try:
                 target = _lookup(root, key)
             except KeyError:
@@ -256,8 +282,10 @@ def _check_semantics(recipe: Recipe) -> list[tuple[FieldPath, str]]:
     return problems
 
 
-def validate_data(data: dict, *, source: str | None = None, lines: dict | None = None) -> Recipe:
-    """Validate an already-loaded mapping (after overrides) into a `Recipe`, or raise RecipeError."""
+def validate_data(data: dict, *, source: str | None = None, lines: dict | None = None,
+                  recipe_dir: Path | None = None) -> Recipe:
+    """Validate an already-loaded mapping (after overrides) into a `Recipe`, or raise RecipeError.
+    `recipe_dir` is what `${recipe_dir}` stands for (the recipe file's folder)."""
     lines = lines or {}
     data = copy.deepcopy(data)
     try:
@@ -267,7 +295,7 @@ def validate_data(data: dict, *, source: str | None = None, lines: dict | None =
             [_located(tuple(e["loc"]), _describe(e), lines, source) for e in error.errors()]
         ) from None
     resolved = Recipe.model_validate(data).model_dump(mode="python")
-    interpolation_problems = _interpolate(resolved)
+    interpolation_problems = _interpolate(resolved, recipe_dir)
     if interpolation_problems:
         raise RecipeError([_located(p, m, lines, source) for p, m in interpolation_problems])
     try:
@@ -283,14 +311,15 @@ def validate_data(data: dict, *, source: str | None = None, lines: dict | None =
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, override, interpolate and validate a recipe file; raise RecipeError listing every problem."""
-    path = Path(path)
+    """Load, override, interpolate and validate a recipe file (or built-in recipe name); raise
+    RecipeError listing every problem."""
+    path = resolve_recipe_path(path)
     data, lines = _read_yaml(path)
     for text in overrides or []:
         key_path, value = parse_override(text)
         _apply_override(data, key_path, value, f"--set {text}")
         lines[key_path] = f"--set {text}"
-    return validate_data(data, source=str(path), lines=lines)
+    return validate_data(data, source=str(path), lines=lines, recipe_dir=path.resolve().parent)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
