@@ -1,5 +1,6 @@
-"""Benchmark: generated tokens/s of multi-turn tool rollouts -- metis's vLLM backend, metis's HF
-backend, and TRL's GRPOTrainer (HF generation and vLLM colocate) -- in one run, as ratios.
+"""Benchmark: generated tokens/s of multi-turn tool rollouts -- metis's vLLM backend (continuous
+batching, and `vllm_waves`: the same engine turn by turn), metis's HF backend, and TRL's
+GRPOTrainer (HF generation and vLLM colocate) -- in one run, as ratios.
 
 Run (alone: it uses the CPU fully):
     .venv/bin/python benchmarks/rollout_throughput.py [--prompts 8 --group-size 8 --max-new-tokens 64 --steps 3]
@@ -49,7 +50,9 @@ def metis_rollouts(backend_name: str, model_dir: Path, prompts: list[list[dict]]
     from metis_cli.recipe.load import validate_data
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    recipe = validate_data(rollout_recipe(backend_name, model_dir, prompts, args))
+    data = rollout_recipe(backend_name.removesuffix("_waves"), model_dir, prompts, args)
+    data["rollout"]["vllm"]["continuous"] = not backend_name.endswith("_waves")
+    recipe = validate_data(data)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     registry = workload_registry(recipe, args)
     check_same_tool_listing(registry.specs())
@@ -89,7 +92,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rollout-throughput-") as tmp:
         work_dir = Path(tmp)
         model_dir = prepare_model(work_dir)
-        results = {name: metis_rollouts(name, model_dir, prompts, args) for name in ("vllm", "hf")}
+        results = {name: metis_rollouts(name, model_dir, prompts, args) for name in ("vllm", "vllm_waves", "hf")}
         if not args.skip_trl:
             for name, mode in (("trl_hf", "hf"), ("trl_vllm", "vllm_colocate")):
                 results[name] = run_trl(mode, model_dir, prompts, args, work_dir)

@@ -64,7 +64,7 @@ def calculator_after(latency_s: float):
     if latency_s <= 0:
         return calculator
 
-    async def calculator(expression: str):  # noqa: F811 - TRL names the tool after the function
+    async def remote_calculator(expression: str):
         """Evaluate an arithmetic expression.
 
         Args:
@@ -73,7 +73,8 @@ def calculator_after(latency_s: float):
         await asyncio.sleep(latency_s)
         return str(_evaluate(ast.parse(expression, mode="eval").body))
 
-    return calculator
+    remote_calculator.__name__ = remote_calculator.__qualname__ = "calculator"  # TRL names tools by function
+    return remote_calculator
 
 
 def answer_reward(completions, **_) -> list[float]:

@@ -271,11 +271,17 @@ class RolloutEngine:
                 else:
                     wait(tool_jobs, return_when=FIRST_COMPLETED)
                     finished = []
+                started_jobs = []
                 for key, generation in finished:
                     rollout, budget, submitted = in_flight.pop(key)
                     if self._end_turn(rollout, generation, budget, use_tools, time.perf_counter() - submitted):
                         requests = self._tool_requests(rollout)
-                        tool_jobs[tool_loop.run(self._execute(requests))] = (rollout, requests)
+                        started_jobs.append(tool_loop.run(self._execute(requests)))
+                        tool_jobs[started_jobs[-1]] = (rollout, requests)
+                if started_jobs and in_flight:
+                    # A fast tool (an in-process calculator) answers within a millisecond: catch it
+                    # now, so its rollout joins the very next engine step instead of the one after.
+                    wait(started_jobs, timeout=_FAST_TOOL_S)
                 for job in [job for job in tool_jobs if job.done()]:
                     rollout, requests = tool_jobs.pop(job)
                     self._show_tool_results(rollout, requests, job.result(), tool_specs, forced_cache)
@@ -349,6 +355,9 @@ class RolloutEngine:
             return False
         rollout.finish_reason = "length"
         return True
+
+
+_FAST_TOOL_S = 0.002
 
 
 def _request_seed(seed: int, key: int) -> int:
