@@ -10,7 +10,8 @@ many groups of hard rollouts have fewer than two right answers and get no effici
 RL's accuracy channel sharpens them the share of groups with |Q| >= 2 rises (the paper's
 implicit curriculum). `hdpo-clean-start` runs HDPO from a cold start with exact answers
 (answer_noise 0, its own SFT): nearly every group is right from the first step, so there is no
-curriculum to see.
+curriculum to see. `coupled-1.0-clean-start` shows the coupled penalty's failure from that cold
+start; `coupled-1.0-100-steps` that it does not occur from the imperfect one within 100 steps.
 
 Run:   .venv/bin/python benchmarks/tiny_effect.py [--out DIR] [--only hdpo grpo ...] [--set run.threads=1]
 Output: <out>/results.json and <out>/results.md (the README table comes from here).
@@ -20,18 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+EXACT_ANSWERS = ["data.synthetic.answer_noise=0.0"]
+COUPLED_LARGE = ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=1.0"]
 VARIANTS = {  # name: (sft overrides, hdpo overrides); variants with the same sft overrides share one SFT
     "hdpo": ([], ["hdpo.estimator=hdpo"]),
-    "hdpo-clean-start": (["data.synthetic.answer_noise=0.0"], ["hdpo.estimator=hdpo"]),
+    "hdpo-clean-start": (EXACT_ANSWERS, ["hdpo.estimator=hdpo"]),
     "grpo": ([], ["hdpo.estimator=grpo"]),
     "coupled-0.1": ([], ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=0.1"]),
-    "coupled-1.0": ([], ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=1.0"]),
+    "coupled-1.0": ([], COUPLED_LARGE),
+    "coupled-1.0-100-steps": ([], [*COUPLED_LARGE, "hdpo.steps=100"]),
+    "coupled-1.0-clean-start": (EXACT_ANSWERS, COUPLED_LARGE),
 }
 
 
@@ -62,7 +68,7 @@ def main() -> None:
     results: dict = {"variants": {}}
     for name in args.only:
         sft_overrides, hdpo_overrides = VARIANTS[name]
-        sft_dir = run_dir / ("sft" if not sft_overrides else "sft-" + name)
+        sft_dir = run_dir / ("sft" if not sft_overrides else "sft-" + re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(sft_overrides)))
         if not (sft_dir / "DONE.json").exists():
             seconds = metis(["sft", "recipes/tiny.yaml", "--overwrite", "--quiet",
                              *sets(base + sft_overrides + [f"sft.output={sft_dir}"])])
