@@ -156,6 +156,7 @@ class RolloutEngine:
     ):
         self.backend = backend
         self.continuous = continuous
+        self._fast_tools: set[str | None] = {None}  # tool names whose calls return in < _FAST_TOOL_S (None: malformed)
         self.tokenizer = tokenizer
         self.tools = tools
         self.max_turns = max_turns
@@ -278,13 +279,20 @@ class RolloutEngine:
                         requests = self._tool_requests(rollout)
                         started_jobs.append(tool_loop.run(self._execute(requests)))
                         tool_jobs[started_jobs[-1]] = (rollout, requests)
-                if started_jobs and in_flight:
-                    # A fast tool (an in-process calculator) answers within a millisecond: catch it
-                    # now, so its rollout joins the very next engine step instead of the one after.
-                    wait(started_jobs, timeout=_FAST_TOOL_S)
+                if started_jobs and in_flight and all(call.name in self._fast_tools for job in started_jobs
+                                                      for call, _ in tool_jobs[job][1]):
+                    # Tools that answered within a few milliseconds so far (an in-process calculator):
+                    # wait for them, so their rollouts join the very next engine step.
+                    wait(started_jobs, timeout=_FAST_TOOL_WAIT_S)
                 for job in [job for job in tool_jobs if job.done()]:
                     rollout, requests = tool_jobs.pop(job)
-                    self._show_tool_results(rollout, requests, job.result(), tool_specs, forced_cache)
+                    results = job.result()
+                    for (call, _), result in zip(requests, results):
+                        if result.runtime_s < _FAST_TOOL_S:
+                            self._fast_tools.add(call.name)
+                        else:
+                            self._fast_tools.discard(call.name)
+                    self._show_tool_results(rollout, requests, results, tool_specs, forced_cache)
                     if rollout.finish_reason is None:
                         submit([rollout])
                 if on_progress is not None and finished:
@@ -357,7 +365,10 @@ class RolloutEngine:
         return True
 
 
-_FAST_TOOL_S = 0.002
+_FAST_TOOL_S = 0.005
+"""A tool call that took less than this counts as fast: the next turns wait for such calls."""
+_FAST_TOOL_WAIT_S = 0.05
+"""The most one engine step is held back waiting for fast tool calls."""
 
 
 def _request_seed(seed: int, key: int) -> int:

@@ -37,7 +37,8 @@ Messages = list[dict[str, Any]]
 
 def end_of_turn_token(tokenizer) -> str:
     """The token string that closes an assistant turn in this tokenizer's chat format."""
-    if CHATML_END_OF_TURN in tokenizer.get_vocab():
+    # Not get_vocab(): it copies the whole vocabulary, and this runs for every tool turn.
+    if tokenizer.convert_tokens_to_ids(CHATML_END_OF_TURN) not in (None, tokenizer.unk_token_id):
         return CHATML_END_OF_TURN
     if tokenizer.eos_token is None:
         raise ModelError(
