@@ -152,7 +152,9 @@ class VllmConfig(Section):
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prefixes.")
     continuous: bool = Field(
         True, description="Continuous batching per rollout: a rollout's next turn starts as soon as its tool "
-        "returns, while the others keep generating. false = turn-synchronous waves, like the hf backend."
+        "returns, while the others keep generating (1.3x faster with 50 ms tool calls in "
+        "benchmarks/rollout_throughput.py). false = turn-synchronous waves, like the hf backend (~15% faster "
+        "there when every tool answers in microseconds, e.g. only the in-process calculator)."
     )
 
 
