@@ -381,14 +381,14 @@ class HdpoStage:
         return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)
 
     def save(self) -> Path:
-        from metis_cli.telemetry.run import mark_done
+        from metis_cli.telemetry.run import mark_done, stage_inputs
         from metis_cli.train.checkpoint import save_model_folder
 
         final = save_model_folder(self.model, self.tokenizer, self.stage_dir / "final", merge_lora=self.recipe.model.lora.merge)
         first = self.eval_history[0][1] if self.eval_history else {}
         last = self.eval_history[-1][1] if self.eval_history else {}
         mark_done(self.stage_dir, {"steps": self.step, "estimator": self.cfg.estimator, "final": str(final),
-                                   "eval_first": first, "eval_last": last})
+                                   "eval_first": first, "eval_last": last, "inputs": stage_inputs(self.recipe, "hdpo")})
         return final
 
     def cleanup(self) -> None:

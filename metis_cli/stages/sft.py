@@ -291,12 +291,13 @@ class SftStage:
         return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)
 
     def save(self) -> Path:
-        from metis_cli.telemetry.run import mark_done
+        from metis_cli.telemetry.run import mark_done, stage_inputs
         from metis_cli.train.checkpoint import save_model_folder
 
         final = save_model_folder(self.model, self.tokenizer, self.stage_dir / "final", merge_lora=self.recipe.model.lora.merge)
         mark_done(self.stage_dir, {"steps": self.step, "loss": self.last_loss, "eval_loss": self.last_eval_loss,
-                                   "dropped_too_long": self.dropped_too_long, "final": str(final)})
+                                   "dropped_too_long": self.dropped_too_long, "final": str(final),
+                                   "inputs": stage_inputs(self.recipe, "sft")})
         return final
 
     def cleanup(self) -> None:

@@ -87,6 +87,44 @@ def is_done(stage_dir: Path) -> bool:
     return (Path(stage_dir) / DONE_FILE).exists()
 
 
+STAGE_INPUTS = {"sft": ("run.seed", "model", "data", "sft"),
+                "hdpo": ("run.seed", "model", "data", "tools", "rollout", "reward", "hdpo")}
+"""The recipe parts a stage's result depends on; DONE.json keeps them as `inputs`."""
+_BOOKKEEPING = {"eval_every", "save_every", "sample_every", "samples_to_save", "output"}
+"""Fields that change what is logged or where, not what is trained."""
+
+
+def stage_inputs(recipe, stage: str) -> dict:
+    """{dotted field: value} of the recipe parts `stage` depends on (STAGE_INPUTS), flattened."""
+    dumped = recipe.model_dump(mode="json")
+    flat: dict = {}
+    for part in STAGE_INPUTS[stage]:
+        node = dumped
+        for key in part.split("."):
+            node = node[key]
+        _flatten(node, part, flat)
+    return flat
+
+
+def changed_inputs(stage_dir: Path, recipe, stage: str) -> list[str]:
+    """Fields whose value differs between the finished run in `stage_dir` and `recipe` (empty
+    when they agree, or when the run predates DONE.json keeping its inputs)."""
+    recorded = json.loads((Path(stage_dir) / DONE_FILE).read_text()).get("inputs")
+    if recorded is None:
+        return []
+    current = stage_inputs(recipe, stage)
+    return sorted(key for key in set(recorded) | set(current) if recorded.get(key) != current.get(key))
+
+
+def _flatten(node, prefix: str, into: dict) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key not in _BOOKKEEPING:
+                _flatten(value, f"{prefix}.{key}", into)
+    else:
+        into[prefix] = node
+
+
 def write_resolved_recipe(recipe) -> Path:
     from metis_cli.recipe import recipe_to_yaml
 

@@ -1,0 +1,47 @@
+"""`metis run` reuses a finished stage only if it was made from the same recipe inputs: a changed
+data, model or training field is refused with the field named (exit 2), never silently reused."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from metis_cli.cli.main import app
+from metis_cli.recipe import load_recipe
+from metis_cli.telemetry.run import changed_inputs, mark_done, stage_inputs
+
+runner = CliRunner()
+
+
+def _recipe(tmp_path, *overrides):
+    return load_recipe("recipes/tiny.yaml", [f"run.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_changed_inputs_name_the_fields_that_differ(tmp_path):
+    recipe = _recipe(tmp_path)
+    stage_dir = tmp_path / "run" / "sft"
+    stage_dir.mkdir(parents=True)
+    mark_done(stage_dir, {"inputs": stage_inputs(recipe, "sft")})
+    assert changed_inputs(stage_dir, recipe, "sft") == []
+    # logging cadence and unrelated sections do not count
+    assert changed_inputs(stage_dir, _recipe(tmp_path, "sft.save_every=7", "hdpo.steps=3", "run.threads=1"), "sft") == []
+    changed = _recipe(tmp_path, "data.synthetic.answer_noise=0.5", "sft.lr=0.01", "run.seed=3")
+    assert changed_inputs(stage_dir, changed, "sft") == ["data.synthetic.answer_noise", "run.seed", "sft.lr"]
+    assert "hdpo.w_tool" in stage_inputs(recipe, "hdpo") and "hdpo.w_tool" not in stage_inputs(recipe, "sft")
+
+
+def test_run_refuses_to_reuse_a_stage_made_from_another_recipe(tmp_path):
+    recipe = _recipe(tmp_path)
+    stage_dir = tmp_path / "run" / "sft"
+    stage_dir.mkdir(parents=True)
+    mark_done(stage_dir, {"inputs": stage_inputs(recipe, "sft")})
+    result = runner.invoke(app, ["run", "recipes/tiny.yaml", "--set", f"run.output_dir={tmp_path / 'run'}",
+                                 "--set", "data.synthetic.answer_noise=0.5"])
+    assert result.exit_code == 2
+    assert "different recipe (data.synthetic.answer_noise changed)" in result.output and "--overwrite" in result.output
+
+
+def test_a_stage_finished_before_inputs_were_kept_is_still_reused(tmp_path):
+    stage_dir = tmp_path / "run" / "sft"
+    stage_dir.mkdir(parents=True)
+    mark_done(stage_dir, {"steps": 3})
+    assert changed_inputs(stage_dir, _recipe(tmp_path, "sft.lr=0.5"), "sft") == []
