@@ -32,20 +32,25 @@ def _with_dashboard(stage: str, recipe_path: Path, loaded, overrides, resume: bo
     raise typer.Exit(code)
 
 
+def _train(name: str, recipe: Path, overrides, resume: bool, overwrite: bool, tui: bool, quiet: bool):
+    """Run one training stage (in the dashboard's child process with --tui); (recipe, result)."""
+    import importlib
+
+    loaded = _load(recipe, overrides)
+    if tui:
+        _with_dashboard(name, recipe, loaded, overrides, resume, overwrite)
+    stage = importlib.import_module(f"metis_cli.stages.{name}")
+    return loaded, stage.run(loaded, resume=resume, overwrite=overwrite, quiet=quiet)
+
+
 @cli_command
 def sft(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
         tui: TuiOpt = False, json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Cold-start supervised fine-tuning (loss on assistant tokens only)."""
-    loaded = _load(recipe, overrides)
-    if tui:
-        _with_dashboard("sft", recipe, loaded, overrides, resume, overwrite)
-    from metis_cli.stages import sft as stage
-
-    result = stage.run(loaded, resume=resume, overwrite=overwrite, quiet=quiet or json_output)
-    payload = {"stage_dir": str(result.stage_dir), "final": str(result.final_dir), "steps": result.steps,
-               "loss": result.final_loss, "eval_loss": result.eval_loss}
+    _, result = _train("sft", recipe, overrides, resume, overwrite, tui, quiet or json_output)
     if json_output:
-        print_json(payload)
+        print_json({"stage_dir": str(result.stage_dir), "final": str(result.final_dir), "steps": result.steps,
+                    "loss": result.final_loss, "eval_loss": result.eval_loss})
     elif not quiet:
         if result.stopped:
             typer.echo(f"sft: stopped at step {result.steps}; continue with --resume")
@@ -58,16 +63,10 @@ def sft(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False, 
 def hdpo(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
          tui: TuiOpt = False, json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """RL with HDPO (or --set hdpo.estimator=grpo|coupled|gdpo for the baselines)."""
-    loaded = _load(recipe, overrides)
-    if tui:
-        _with_dashboard("hdpo", recipe, loaded, overrides, resume, overwrite)
-    from metis_cli.stages import hdpo as stage
-
-    result = stage.run(loaded, resume=resume, overwrite=overwrite, quiet=quiet or json_output)
-    payload = {"stage_dir": str(result.stage_dir), "final": str(result.final_dir), "steps": result.steps,
-               "stopped": result.stopped, "eval_before": result.eval_first, "eval_after": result.eval_last}
+    loaded, result = _train("hdpo", recipe, overrides, resume, overwrite, tui, quiet or json_output)
     if json_output:
-        print_json(payload)
+        print_json({"stage_dir": str(result.stage_dir), "final": str(result.final_dir), "steps": result.steps,
+                    "stopped": result.stopped, "eval_before": result.eval_first, "eval_after": result.eval_last})
     elif not quiet:
         print_before_after(result.eval_first, result.eval_last, title=f"hdpo ({loaded.hdpo.estimator}) held-out, greedy")
         typer.echo(f"hdpo: {result.steps} steps, policy in {result.final_dir}")
