@@ -334,3 +334,23 @@ def test_hf_backend_stops_each_row_at_its_own_stop_token(model_dir, tokenizer):
         assert stop_id not in g.token_ids[:-1]
         assert (g.finish_reason == "stop") == (g.token_ids[-1] == stop_id)
         assert g.finish_reason == "stop" or len(g.token_ids) == 6
+
+
+def test_tool_calls_still_running_when_a_run_stops_are_cancelled():
+    import asyncio
+
+    from metis_cli.agent.rollout import _ToolLoop
+
+    events = []
+
+    async def long_tool_call():
+        try:
+            await asyncio.sleep(60)
+        finally:
+            events.append("torn down")
+
+    with pytest.raises(RuntimeError, match="bug"):
+        with _ToolLoop() as loop:
+            job = loop.run(long_tool_call())
+            raise RuntimeError("a bug half-way through a run")
+    assert events == ["torn down"] and job.cancelled()

@@ -402,9 +402,22 @@ class _ToolLoop:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def __exit__(self, *exc_info) -> None:
+        # Calls still running (the run stopped early) are cancelled, so a sandboxed tool is torn
+        # down now rather than left behind.
+        asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self.loop).result(timeout=_TOOL_CANCEL_S)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
         self.loop.close()
+
+
+_TOOL_CANCEL_S = 30.0
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _single_token_id(tokenizer, text: str) -> int:
