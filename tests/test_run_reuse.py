@@ -27,6 +27,10 @@ def test_changed_inputs_name_the_fields_that_differ(tmp_path):
     changed = _recipe(tmp_path, "data.synthetic.answer_noise=0.5", "sft.lr=0.01", "run.seed=3")
     assert changed_inputs(stage_dir, changed, "sft") == ["data.synthetic.answer_noise", "run.seed", "sft.lr"]
     assert "hdpo.w_tool" in stage_inputs(recipe, "hdpo") and "hdpo.w_tool" not in stage_inputs(recipe, "sft")
+    # RL prompts are not SFT inputs; cold-start data reaches RL only through the SFT model
+    assert changed_inputs(stage_dir, _recipe(tmp_path, "data.synthetic.rl_prompts=10"), "sft") == []
+    assert "data.synthetic.answer_noise" not in stage_inputs(recipe, "hdpo")
+    assert "data.synthetic.rl_prompts" in stage_inputs(recipe, "hdpo")
 
 
 def test_run_refuses_to_reuse_a_stage_made_from_another_recipe(tmp_path):

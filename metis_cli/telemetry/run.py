@@ -87,9 +87,15 @@ def is_done(stage_dir: Path) -> bool:
     return (Path(stage_dir) / DONE_FILE).exists()
 
 
-STAGE_INPUTS = {"sft": ("run.seed", "model", "data", "sft"),
+STAGE_INPUTS = {"sft": ("run.seed", "model", "data.synthetic", "data.malformed_rows", "sft"),
                 "hdpo": ("run.seed", "model", "data", "tools", "rollout", "reward", "hdpo")}
 """The recipe parts a stage's result depends on; DONE.json keeps them as `inputs`."""
+_NOT_INPUTS = {
+    "sft": {"data.synthetic.rl_prompts", "data.synthetic.eval_per_subset"},
+    # the cold-start data reaches hdpo only through the SFT model it starts from
+    "hdpo": {"data.synthetic.knowledge_examples", "data.synthetic.cold_start_examples",
+             "data.synthetic.direct_answer_share", "data.synthetic.answer_noise"},
+}
 _BOOKKEEPING = {"eval_every", "save_every", "sample_every", "samples_to_save", "output"}
 """Fields that change what is logged or where, not what is trained."""
 
@@ -103,7 +109,7 @@ def stage_inputs(recipe, stage: str) -> dict:
         for key in part.split("."):
             node = node[key]
         _flatten(node, part, flat)
-    return flat
+    return {key: value for key, value in flat.items() if key not in _NOT_INPUTS[stage]}
 
 
 def changed_inputs(stage_dir: Path, recipe, stage: str) -> list[str]:
