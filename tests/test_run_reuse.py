@@ -3,6 +3,7 @@ data, model or training field is refused with the field named (exit 2), never si
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from metis_cli.cli.main import app
@@ -49,3 +50,20 @@ def test_a_stage_finished_before_inputs_were_kept_is_still_reused(tmp_path):
     stage_dir.mkdir(parents=True)
     mark_done(stage_dir, {"steps": 3})
     assert changed_inputs(stage_dir, _recipe(tmp_path, "sft.lr=0.5"), "sft") == []
+
+
+def test_resuming_an_unfinished_stage_with_another_recipe_is_refused(tmp_path):
+    from metis_cli.errors import RunFolderError
+    from metis_cli.telemetry.run import INPUTS_FILE, prepare_stage_dir
+
+    stage_dir = tmp_path / "run" / "hdpo"
+    inputs = stage_inputs(_recipe(tmp_path), "hdpo")
+    prepare_stage_dir(stage_dir, resume=False, overwrite=False, command="hdpo", inputs=inputs)
+    assert (stage_dir / INPUTS_FILE).is_file()
+    (stage_dir / "metrics.jsonl").write_text('{"stage": "hdpo", "step": 1}\n')  # it ran a step, then died
+    prepare_stage_dir(stage_dir, resume=True, overwrite=False, command="hdpo", inputs=inputs)  # same recipe: fine
+    changed = stage_inputs(_recipe(tmp_path, "hdpo.lr=0.5"), "hdpo")
+    with pytest.raises(RunFolderError, match=r"different recipe \(hdpo.lr changed\).*--overwrite"):
+        prepare_stage_dir(stage_dir, resume=True, overwrite=False, command="hdpo", inputs=changed)
+    prepare_stage_dir(stage_dir, resume=False, overwrite=True, command="hdpo", inputs=changed)  # starting over is fine
+    assert not (stage_dir / "metrics.jsonl").exists()

@@ -83,7 +83,7 @@ def run(recipe: RecipeArg, overrides: SetOpt = None, overwrite: OverwriteOpt = F
     from metis_cli.stages import hdpo as hdpo_stage
     from metis_cli.stages import sft as sft_stage
     from metis_cli.errors import RunFolderError
-    from metis_cli.telemetry.run import DONE_FILE, changed_inputs, is_done
+    from metis_cli.telemetry.run import DONE_FILE, changed_inputs, describe_changes, is_done
 
     loaded = _load(recipe, overrides)
     quiet_stages = quiet or json_output
@@ -98,9 +98,9 @@ def run(recipe: RecipeArg, overrides: SetOpt = None, overwrite: OverwriteOpt = F
         if is_done(stage_dir) and not overwrite:
             changed = changed_inputs(stage_dir, loaded, name)
             if changed:
-                shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
                 raise RunFolderError(
-                    f"{name}: {stage_dir} holds a finished run made with a different recipe ({shown} changed); "
+                    f"{name}: {stage_dir} holds a finished run made with a different recipe "
+                    f"({describe_changes(changed)} changed); "
                     f"pass --overwrite to redo it, or --set run.name=NEW for a new run folder"
                 )
             say(f"{name}: already finished in {stage_dir}; reusing it (--overwrite to redo)")

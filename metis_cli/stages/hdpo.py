@@ -60,10 +60,11 @@ class HdpoStage:
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, write_resolved_recipe
+        from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
         from metis_cli.train.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
 
-        prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="hdpo")
+        prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="hdpo",
+                          inputs=stage_inputs(self.recipe, "hdpo"))
         write_resolved_recipe(self.recipe)
         quiet_libraries()
         setup_threads(self.recipe.run.threads)

@@ -44,13 +44,14 @@ class SftStage:
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, write_resolved_recipe
+        from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
         from metis_cli.train.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
 
         if not self.cfg.phases:
             raise DataError("sft.phases is empty: add at least one phase with data, e.g. "
                             "phases: [{data: [{path: data/sft.jsonl}], epochs: 2}]")
-        prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="sft")
+        prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="sft",
+                          inputs=stage_inputs(self.recipe, "sft"))
         write_resolved_recipe(self.recipe)
         quiet_libraries()
         self.threads = setup_threads(self.recipe.run.threads)

@@ -17,6 +17,7 @@ from pathlib import Path
 from metis_cli.errors import RunFolderError
 
 DONE_FILE = "DONE.json"
+INPUTS_FILE = "inputs.json"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -52,11 +53,24 @@ class MetricsLog:
         self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
 
-def prepare_stage_dir(stage_dir: Path, *, resume: bool, overwrite: bool, command: str) -> Path:
-    """Make the stage folder ready for a new run, or for resuming; refuse to clobber results."""
+def prepare_stage_dir(stage_dir: Path, *, resume: bool, overwrite: bool, command: str,
+                      inputs: dict | None = None) -> Path:
+    """Make the stage folder ready for a new run, or for resuming; refuse to clobber results.
+
+    `inputs` (`stage_inputs`) are kept in INPUTS_FILE; resuming a run made with other inputs is
+    refused, since the result would mix two recipes."""
     stage_dir = Path(stage_dir)
     done = stage_dir / DONE_FILE
     started = (stage_dir / METRICS_FILE).exists() or (stage_dir / "checkpoints").exists()
+    inputs_path = stage_dir / INPUTS_FILE
+    if resume and not overwrite and started and inputs is not None and inputs_path.exists():
+        changed = _changed(json.loads(inputs_path.read_text()), inputs)
+        if changed:
+            raise RunFolderError(
+                f"{stage_dir} holds an unfinished {command} run made with a different recipe "
+                f"({describe_changes(changed)} changed); resuming would mix the two: restore those fields, "
+                f"or pass --overwrite to start over"
+            )
     if overwrite and stage_dir.exists():
         shutil.rmtree(stage_dir)
     elif done.exists() and not resume:
@@ -69,6 +83,10 @@ def prepare_stage_dir(stage_dir: Path, *, resume: bool, overwrite: bool, command
             f"{stage_dir} holds an unfinished {command} run; pass --resume to continue it or --overwrite to start over"
         )
     stage_dir.mkdir(parents=True, exist_ok=True)
+    if inputs is not None and not (resume and inputs_path.exists()):
+        tmp = inputs_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(inputs, indent=2, default=str))
+        tmp.replace(inputs_path)
     from metis_cli.telemetry import control
 
     for what in control.REQUESTS:  # a request left by an earlier session must not stop this one
@@ -118,7 +136,14 @@ def changed_inputs(stage_dir: Path, recipe, stage: str) -> list[str]:
     recorded = json.loads((Path(stage_dir) / DONE_FILE).read_text()).get("inputs")
     if recorded is None:
         return []
-    current = stage_inputs(recipe, stage)
+    return _changed(recorded, stage_inputs(recipe, stage))
+
+
+def describe_changes(changed: list[str]) -> str:
+    return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
+def _changed(recorded: dict, current: dict) -> list[str]:
     return sorted(key for key in set(recorded) | set(current) if recorded.get(key) != current.get(key))
 
 
