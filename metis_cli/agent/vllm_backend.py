@@ -2,11 +2,11 @@
 trainer's weights after every optimizer step.
 
 It implements agent/backend.py's protocols. Token-id prompts go in as `TokensPrompt`s. Two ways
-in: `generate` (a whole turn of many rollouts at once; identical prompts, the G samples of one
-group, become one request with `n=G`) and `submit`/`poll` (continuous batching: one rollout's
-turn joins the running batch whenever the rollout engine has it ready, and `poll` steps the
-engine and hands back what finished). Prefix caching reuses the KV of shared prefixes (system
-prompt, earlier turns) in whole cache blocks across requests and turns.
+in: `submit`/`poll` (continuous batching: a rollout's turn joins the running batch whenever the
+rollout engine has it ready, and `poll` steps the engine and hands back what finished) and
+`generate` (a whole turn of many rollouts at once, built on the same two; identical prompts, the
+G samples of one group, become one request with `n=G`). Prefix caching reuses the KV of shared
+prefixes (system prompt, earlier turns) in whole cache blocks across requests and turns.
 Generation stops only at the caller's stop ids (`ignore_eos`, the model's generation_config is not
 read), exactly like the HF backend.
 
@@ -85,36 +85,22 @@ class VllmBackend:
         greedy: bool = False,
         seed: int | None = None,
     ) -> list[Generation]:
-        from vllm.inputs import TokensPrompt
-
-        greedy = greedy or temperature <= 0
+        """A whole batch at once: `submit` each distinct prompt (its copies become one request with
+        n = copies, sharing the prefill), then `poll` until every copy is back."""
+        if self._in_flight or self._done_without_engine:
+            raise RuntimeError("VllmBackend.generate called while submitted continuations are still pending")
         positions: dict[tuple[int, ...], list[int]] = {}
         for index, prompt in enumerate(prompts):
             positions.setdefault(tuple(prompt), []).append(index)
-        results: list[Generation | None] = [None] * len(prompts)
-        requests, params, owners = [], [], []
         for request_index, (prompt, indices) in enumerate(positions.items()):
-            # vLLM refuses a request that could outgrow max_model_len; the engine cuts rows anyway.
-            room = min(max_new_tokens, self.max_model_len - len(prompt))
-            if room <= 0:
-                for index in indices:
-                    results[index] = Generation([], [], "length")
-                continue
-            requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
-            owners.append(indices)
-            # vLLM seeds child i of a request with seed + i; the stride keeps requests apart.
-            params.append(_sampling_params(
-                # Greedy copies are identical: generate one and share it (vLLM wants n=1 there).
-                n=1 if greedy else len(indices), max_tokens=room, temperature=temperature, top_p=top_p,
-                stop_token_ids=stop_token_ids, greedy=greedy,
-                seed=None if seed is None else (seed * 1_000_003 + request_index) * 65_536,
-            ))
-        if requests:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-            for output, indices in zip(outputs, owners):
-                completions = sorted(output.outputs, key=lambda c: c.index)
-                for slot, index in enumerate(indices):
-                    results[index] = _to_generation(completions[0 if greedy else slot])
+            self.submit(indices, list(prompt), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        stop_token_ids=stop_token_ids, greedy=greedy,
+                        # continuation i is seeded with seed + i; the stride keeps requests apart
+                        seed=None if seed is None else (seed * 1_000_003 + request_index) * 65_536)
+        results: list[Generation | None] = [None] * len(prompts)
+        while self.pending:
+            for index, generation in self.poll():
+                results[index] = generation
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ continuous batching
@@ -132,8 +118,8 @@ class VllmBackend:
     ) -> None:
         """Start len(keys) independent continuations of `prompt` now, alongside whatever the engine
         is generating; `poll` hands each back under its key as soon as it is done. One request with
-        n = len(keys), so the prompt's prefill is shared. Same sampling contract as `generate`;
-        continuation i is seeded with seed + i."""
+        n = len(keys), so the prompt's prefill is shared; continuation i is seeded with seed + i.
+        A prompt with no room left under max_model_len (vLLM would refuse it) comes back empty."""
         from vllm.inputs import TokensPrompt
 
         greedy = greedy or temperature <= 0
@@ -141,15 +127,13 @@ class VllmBackend:
         if room <= 0:
             self._done_without_engine += [(key, Generation([], [], "length")) for key in keys]
             return
+        # Greedy copies are identical: one continuation serves every key (vLLM wants n=1 there).
         request_id = str(self._next_request)
         self._next_request += 1
-        # Greedy copies are identical: one continuation serves every key. Several sampled ones
-        # stream per step (DELTA), so each is handed back when it finishes, not when the last one does.
         streams = 1 if greedy else len(keys)
         self._in_flight[request_id] = _Request(list(keys), [[] for _ in range(streams)], [[] for _ in range(streams)])
         params = _sampling_params(n=streams, max_tokens=room, temperature=temperature, top_p=top_p,
-                                  stop_token_ids=stop_token_ids, greedy=greedy, seed=seed,
-                                  output_kind="final" if streams == 1 else "delta")
+                                  stop_token_ids=stop_token_ids, greedy=greedy, seed=seed)
         self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
 
     def poll(self) -> list[tuple[int, Generation]]:
@@ -215,7 +199,7 @@ class _Request:
 
 
 def _sampling_params(*, n: int, max_tokens: int, temperature: float, top_p: float, stop_token_ids: list[int],
-                     greedy: bool, seed: int | None, output_kind: str = "cumulative"):
+                     greedy: bool, seed: int | None):
     """SamplingParams for the protocol's contract: stop only at the caller's ids, report the
     sampled token's log-prob, no text."""
     from vllm import SamplingParams
@@ -231,10 +215,9 @@ def _sampling_params(*, n: int, max_tokens: int, temperature: float, top_p: floa
         logprobs=0,
         detokenize=False,
         seed=None if seed is None else seed % (1 << 62),
-        # submit/poll: "final" skips building a partial output every step; "delta" hands over only
-        # new tokens, so a finished stream of an n > 1 request is seen while its siblings run on.
-        output_kind={"final": RequestOutputKind.FINAL_ONLY, "delta": RequestOutputKind.DELTA,
-                     "cumulative": RequestOutputKind.CUMULATIVE}[output_kind],
+        # One stream: only its final output (no partial output built every step). Several: only
+        # new tokens each step, so a finished stream is seen while its siblings run on.
+        output_kind=RequestOutputKind.FINAL_ONLY if n == 1 else RequestOutputKind.DELTA,
     )
 
 
