@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metis_cli.errors import RunFolderError
+from metis_cli.files import write_atomic
 from metis_cli.telemetry.run import DONE_FILE
 
 DECISIONS_FILE = "decisions.jsonl"
@@ -153,8 +154,3 @@ class DecisionLog:
             handle.truncate(data.rfind(b"\n") + 1)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it into place."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)

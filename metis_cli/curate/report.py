@@ -16,7 +16,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from metis_cli.curate.decisions import DECISIONS_FILE, write_atomic
+from metis_cli.curate.decisions import DECISIONS_FILE
+from metis_cli.files import write_atomic
 
 MALFORMED_LISTED = 50  # malformed-row messages listed in report.json (all are in decisions.jsonl)
 

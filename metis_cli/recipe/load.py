@@ -37,9 +37,9 @@ def resolve_recipe_path(path: str | Path) -> Path:
     """`path` itself, or the built-in recipe of that name when `path` is a bare name (no such
     file, no folder part, no suffix): `metis run tiny` works from any folder."""
     path = Path(path)
-    if not path.exists() and path.parent == Path(".") and not path.suffix and path.name in builtin_recipes():
-        return builtin_recipes()[path.name]
-    return path
+    if path.exists() or path.parent != Path(".") or path.suffix:
+        return path
+    return builtin_recipes().get(path.name, path)
 _MAX_INTERPOLATION_DEPTH = 10
 
 FieldPath = tuple[str | int, ...]

@@ -16,13 +16,13 @@ Shape: `EvalStage` with `setup()` (`_setup_models`, `_setup_data`, `_setup_tools
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from metis_cli.errors import DataError, ModelError, RunFolderError
 from metis_cli.evaluation.report import Answer, ModelAnswers, build_report, calls_by_tool
+from metis_cli.files import write_atomic
 
 # Folder names that say little on their own: a label keeps their parent ("hdpo/final").
 _GENERIC_FOLDERS = {"final", "merged"}
@@ -223,7 +223,7 @@ class EvalStage:
     def _write_answer_log(self, label: str) -> None:
         folder = self.output_dir / "answers"
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / f"{_file_safe(label)}.jsonl",
+        write_atomic(folder / f"{_file_safe(label)}.jsonl",
                       "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in self._answer_log))
 
     # ------------------------------------------------------------------------------- save
@@ -240,8 +240,8 @@ class EvalStage:
         files = {name: self.output_dir / name for name in ("report.json", "report.md", "plot.png")}
         report["files"] = {name: str(path) for name, path in files.items()}
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(files["report.json"], json.dumps(report, indent=2) + "\n")
-        _write_atomic(files["report.md"], markdown(report))
+        write_atomic(files["report.json"], json.dumps(report, indent=2) + "\n")
+        write_atomic(files["report.md"], markdown(report))
         write_plot(report, files["plot.png"], self.metrics_path)
         return EvalResult(report, self.output_dir, files)
 
@@ -293,12 +293,6 @@ def _check_model_folder(path: str, field: str) -> None:
 
 def _file_safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 def _pct(value: float | None) -> str:

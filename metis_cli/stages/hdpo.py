@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metis_cli.errors import DataError
+from metis_cli.files import write_atomic
 
 
 @dataclass
@@ -368,10 +369,7 @@ class HdpoStage:
                 "tool_errors": sum(r.tool_errors.values()), "r_acc": s.r_acc, "r_tool": s.r_tool,
                 "adv_acc": float(a_acc[i]), "adv_tool": float(a_tool[i]) if a_tool is not None else 0.0,
             }))
-        path = folder / f"step_{self.step:06d}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(path)
+        write_atomic(folder / f"step_{self.step:06d}.jsonl", "\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------------------- save
     def save_checkpoint(self) -> Path:

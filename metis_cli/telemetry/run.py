@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from metis_cli.errors import RunFolderError
+from metis_cli.files import write_atomic
 
 DONE_FILE = "DONE.json"
 INPUTS_FILE = "inputs.json"
@@ -84,9 +85,7 @@ def prepare_stage_dir(stage_dir: Path, *, resume: bool, overwrite: bool, command
         )
     stage_dir.mkdir(parents=True, exist_ok=True)
     if inputs is not None and not (resume and inputs_path.exists()):
-        tmp = inputs_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(inputs, indent=2, default=str))
-        tmp.replace(inputs_path)
+        write_atomic(inputs_path, json.dumps(inputs, indent=2, default=str))
     from metis_cli.telemetry import control
 
     for what in control.REQUESTS:  # a request left by an earlier session must not stop this one
@@ -95,10 +94,7 @@ def prepare_stage_dir(stage_dir: Path, *, resume: bool, overwrite: bool, command
 
 
 def mark_done(stage_dir: Path, summary: dict) -> None:
-    path = Path(stage_dir) / DONE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"finished_at": time.time(), **summary}, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(Path(stage_dir) / DONE_FILE, json.dumps({"finished_at": time.time(), **summary}, indent=2, default=str))
 
 
 def is_done(stage_dir: Path) -> bool:
