@@ -53,7 +53,7 @@ def prepare_model(folder: Path) -> Path:
     from metis_cli.data import synthetic
     from metis_cli.data.chat import tokenize_conversation
     from metis_cli.train.logprobs import token_logprobs
-    from metis_cli.train.tiny import build_tiny_model
+    from metis_cli.model.tiny import build_tiny_model
 
     base = build_tiny_model(folder / "base")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -28,7 +28,7 @@ from metis_cli.agent.tools.registry import ToolRegistry
 from metis_cli.data import synthetic
 from metis_cli.data.chat import prompt_ids
 from metis_cli.recipe.schema import ToolsConfig
-from metis_cli.train.tiny import build_tiny_model
+from metis_cli.model.tiny import build_tiny_model
 
 
 def backend_tokens_per_s(backend: HFBackend, prompts: list[list[int]], max_new_tokens: int) -> float:

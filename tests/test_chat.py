@@ -20,7 +20,7 @@ from metis_cli.data.datasets import load_examples
 from metis_cli.recipe import validate_data
 from metis_cli.stages.chat import StreamingHFBackend, open_session
 from metis_cli.stages.chat_repl import Repl
-from metis_cli.train.tiny import build_tiny_model
+from metis_cli.model.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from metis_cli.data import synthetic
 from metis_cli.data.chat import continuation_after_tools, prompt_ids, tokenize_conversation
 from metis_cli.errors import DataError, ModelError
-from metis_cli.train.tiny import build_tiny_model
+from metis_cli.model.tiny import build_tiny_model
 
 TOOLS = [synthetic.CALCULATOR_TOOL_SPEC]
 CALL = synthetic.calculator_call("278 * 14")

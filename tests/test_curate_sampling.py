@@ -15,7 +15,7 @@ from test_curate import direct_row, filter_entry, read_jsonl, tool_row, write_js
 from typer.testing import CliRunner
 
 from metis_cli.cli.main import app
-from metis_cli.train.tiny import build_tiny_model
+from metis_cli.model.tiny import build_tiny_model
 
 runner = CliRunner()
 

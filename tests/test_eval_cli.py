@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from metis_cli.cli.main import app
 from metis_cli.data import synthetic
-from metis_cli.train.tiny import build_tiny_model
+from metis_cli.model.tiny import build_tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

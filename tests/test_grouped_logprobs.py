@@ -17,7 +17,7 @@ from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean
 from metis_cli.recipe.load import load_recipe
 from metis_cli.stages.hdpo import HdpoStage
 from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt, token_logprobs
-from metis_cli.train.tiny import build_tiny_model
+from metis_cli.model.tiny import build_tiny_model
 
 torch.set_num_threads(1)
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"

@@ -19,7 +19,7 @@ from metis_cli.agent.rollout import RolloutBatch, RolloutEngine
 from metis_cli.agent.tools.base import ToolErrorKind, ToolResult, error_result
 from metis_cli.data import synthetic
 from metis_cli.data.chat import tokenize_conversation
-from metis_cli.train.tiny import build_tiny_model
+from metis_cli.model.tiny import build_tiny_model
 
 SCRIPTED_LOGPROB = -0.5
 

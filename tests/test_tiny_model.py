@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from metis_cli.data import synthetic
 from metis_cli.errors import ModelError
 from metis_cli.data.chat import stop_token_ids
-from metis_cli.train.tiny import MARKER_TOKENS, SPECIAL_TOKENS, build_tiny_model
+from metis_cli.model.tiny import MARKER_TOKENS, SPECIAL_TOKENS, build_tiny_model
 
 torch.set_num_threads(1)
 TOOLS = [synthetic.CALCULATOR_TOOL_SPEC]

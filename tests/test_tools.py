@@ -92,6 +92,12 @@ def test_specs_are_openai_functions():
     assert spec == tool_spec(CalculatorTool())
 
 
+def test_synthetic_task_renders_the_calculator_tools_own_spec():
+    from metis_cli.data.synthetic import CALCULATOR_TOOL_SPEC
+
+    assert CALCULATOR_TOOL_SPEC == tool_spec(CalculatorTool())
+
+
 def test_slow_call_times_out_with_an_observation():
     registry = registry_of(SleepTool(), timeout_s=0.2)
     started = time.perf_counter()

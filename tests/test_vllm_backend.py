@@ -31,8 +31,8 @@ from metis_cli.data.chat import stop_token_ids, tokenize_conversation
 from metis_cli.errors import ModelError, RecipeError
 from metis_cli.recipe.load import validate_data
 from metis_cli.train.logprobs import token_logprobs
-from metis_cli.train.model import apply_lora
-from metis_cli.train.tiny import build_tiny_model
+from metis_cli.model.loading import apply_lora
+from metis_cli.model.tiny import build_tiny_model
 
 SAMPLING_TEMPERATURE = 0.7  # not 1, so the test sees that vLLM's log-probs include the temperature
 

@@ -58,8 +58,8 @@ class VllmBackend:
         A LoRA adapter folder is served as its base model with the adapter merged in. `tokenizer`
         is accepted for build_backend's sake and unused: prompts and outputs are token ids.
         """
-        from metis_cli.train.model import adapter_base, check_model_path, load_model
-        from metis_cli.train.runtime import pick_device, pick_dtype
+        from metis_cli.model.loading import adapter_base, check_model_path, load_model
+        from metis_cli.model.runtime import pick_device, pick_dtype
 
         path = str(model_path or recipe.model.name_or_path)
         path_field = model_path_field(recipe, path)

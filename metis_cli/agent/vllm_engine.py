@@ -35,7 +35,7 @@ def engine_kwargs(recipe, model_path: str, device: str) -> dict:
             "weight sync runs vLLM in the trainer's process, which serves one GPU: set it to 1"
         ])
     dtype = recipe.model.dtype
-    if dtype == "auto":  # vLLM's auto picks bf16 even on CPU; match the trainer (train/runtime.py)
+    if dtype == "auto":  # vLLM's auto picks bf16 even on CPU; match the trainer (model/runtime.py)
         dtype = "bfloat16" if device == "cuda" else "float32"
     kwargs = {
         "model": str(model_path),

@@ -25,8 +25,8 @@ class PassRateSampler:
     def __init__(self, recipe, model_path: str, *, field: str, use_tools: bool):
         from metis_cli.agent.factory import build_backend, build_engine, build_registry
         from metis_cli.rewards.batch import build_checker
-        from metis_cli.train.model import ensure_base_model, load_model, load_tokenizer
-        from metis_cli.train.runtime import pick_device, pick_dtype, setup_threads
+        from metis_cli.model.loading import ensure_base_model, load_model, load_tokenizer
+        from metis_cli.model.runtime import pick_device, pick_dtype, setup_threads
 
         setup_threads(recipe.run.threads)
         device = pick_device(recipe.run.device)

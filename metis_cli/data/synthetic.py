@@ -36,17 +36,23 @@ Subset = Literal["easy", "hard"]
 
 SYSTEM_PROMPT = "Answer the question. Use the calculator if needed."
 
-def _calculator_spec() -> dict:
-    from metis_cli.agent.tools.base import tool_spec
-    from metis_cli.agent.tools.calculator import CalculatorTool
-
-    return tool_spec(CalculatorTool())
-
-
-CALCULATOR_TOOL_SPEC: dict = _calculator_spec()
-"""The calculator as the chat template sees it (OpenAI function format). The tiny tokenizer's
-merges are trained on this exact text, so a tool registry that renders the same spec gets a
-short system turn; a different description still works, just with more tokens."""
+CALCULATOR_TOOL_SPEC: dict = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string", "description": "The expression to evaluate."}},
+            "required": ["expression"],
+            "additionalProperties": False,
+        },
+    },
+}
+"""The calculator as the chat template sees it (OpenAI function format), written out here so the
+data layer needs no tool code; tests/test_tools.py checks it equals `agent.tools.calculator`'s
+spec. The tiny tokenizer's merges are trained on this exact text, so a tool registry that renders
+the same spec gets a short system turn; a different description still works, with more tokens."""
 
 _HELD_OUT_HARD_PERCENT = 10
 HARD_MIN_PRODUCT = 10_000

@@ -292,8 +292,8 @@ def open_session(model_path: str, recipe, *, quiet: bool = False) -> ChatSession
     from metis_cli.agent.factory import build_registry
     from metis_cli.data.synthetic import SYSTEM_PROMPT
     from metis_cli.telemetry.progress import spinner
-    from metis_cli.train.model import load_policy
-    from metis_cli.train.runtime import pick_device, seed_everything, setup_threads
+    from metis_cli.model.loading import load_policy
+    from metis_cli.model.runtime import pick_device, seed_everything, setup_threads
 
     setup_threads(recipe.run.threads)
     device = pick_device(recipe.run.device)

@@ -63,7 +63,7 @@ class EvalStage:
         self._setup_models()
         self._setup_data()
         self._setup_training_run()
-        from metis_cli.train.runtime import pick_device, seed_everything, setup_threads
+        from metis_cli.model.runtime import pick_device, seed_everything, setup_threads
 
         setup_threads(self.recipe.run.threads)
         self.device = pick_device(self.recipe.run.device)
@@ -176,7 +176,7 @@ class EvalStage:
 
     def _load(self, spec: ModelSpec):
         from metis_cli.telemetry.progress import spinner
-        from metis_cli.train.model import load_policy, load_tokenizer
+        from metis_cli.model.loading import load_policy, load_tokenizer
 
         with spinner(f"eval: loading {spec.path}", quiet=self.quiet):
             if self.recipe.rollout.backend == "vllm":  # the engine loads the weights itself

@@ -62,7 +62,7 @@ class HdpoStage:
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
-        from metis_cli.train.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
+        from metis_cli.model.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
 
         prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="hdpo",
                           inputs=stage_inputs(self.recipe, "hdpo"))
@@ -91,14 +91,14 @@ class HdpoStage:
                 raise DataError(f"data.rl: example {example.id} has no answer to score against")
 
     def _setup_model(self, path: str, field_name: str) -> None:
-        from metis_cli.train.model import load_policy
+        from metis_cli.model.loading import load_policy
 
         self.model, self.tokenizer = load_policy(path, self.recipe, device=self.device, field=field_name)
         self.model.train()
         self.reference = None
         if self.cfg.kl_coef > 0:
-            from metis_cli.train.model import load_model
-            from metis_cli.train.runtime import pick_dtype
+            from metis_cli.model.loading import load_model
+            from metis_cli.model.runtime import pick_dtype
 
             self.reference = load_model(self.cfg.init_from, dtype=pick_dtype(self.recipe.model.dtype, self.device),
                                         device=self.device, field="hdpo.init_from").eval()
@@ -122,7 +122,7 @@ class HdpoStage:
 
     def _resume(self) -> None:
         from metis_cli.train.checkpoint import latest_checkpoint, load_trainer_state
-        from metis_cli.train.runtime import set_rng_state
+        from metis_cli.model.runtime import set_rng_state
 
         checkpoint = latest_checkpoint(self.stage_dir)
         if checkpoint is None:
@@ -374,7 +374,7 @@ class HdpoStage:
     # ------------------------------------------------------------------------------- save
     def save_checkpoint(self) -> Path:
         from metis_cli.train.checkpoint import save_checkpoint
-        from metis_cli.train.runtime import rng_state
+        from metis_cli.model.runtime import rng_state
 
         state = {"optimizer": self.optimizer.state_dict(), "rng": rng_state(), "eval_history": self.eval_history}
         return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)

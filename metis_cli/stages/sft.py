@@ -45,7 +45,7 @@ class SftStage:
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
-        from metis_cli.train.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
+        from metis_cli.model.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
 
         if not self.cfg.phases:
             raise DataError("sft.phases is empty: add at least one phase with data, e.g. "
@@ -65,7 +65,7 @@ class SftStage:
             self._resume()
 
     def _setup_model(self) -> None:
-        from metis_cli.train.model import ensure_base_model, load_policy
+        from metis_cli.model.loading import ensure_base_model, load_policy
 
         ensure_base_model(self.recipe)
         self.model, self.tokenizer = load_policy(self.cfg.init_from, self.recipe, device=self.device, field="sft.init_from")
@@ -171,12 +171,12 @@ class SftStage:
 
     def _resume(self) -> None:
         from metis_cli.train.checkpoint import latest_checkpoint, load_trainer_state
-        from metis_cli.train.runtime import set_rng_state
+        from metis_cli.model.runtime import set_rng_state
 
         checkpoint = latest_checkpoint(self.stage_dir)
         if checkpoint is None:
             return
-        from metis_cli.train.model import load_policy
+        from metis_cli.model.loading import load_policy
 
         self.model, _ = load_policy(str(checkpoint), self.recipe, device=self.device, field="checkpoint")
         self.model.train()
@@ -286,7 +286,7 @@ class SftStage:
     # ------------------------------------------------------------------------------- save
     def save_checkpoint(self) -> Path:
         from metis_cli.train.checkpoint import save_checkpoint
-        from metis_cli.train.runtime import rng_state
+        from metis_cli.model.runtime import rng_state
 
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
         return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)

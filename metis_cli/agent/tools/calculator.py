@@ -120,7 +120,7 @@ class CalculatorTool:
 
     name = "calculator"
     # Kept short on purpose: the spec is rendered into every prompt's system turn, and the tiny
-    # model's tokenizer is trained on exactly this text (data/synthetic.py CALCULATOR_TOOL_SPEC).
+    # model's tokenizer is trained on exactly this text (data/synthetic.py CALCULATOR_TOOL_SPEC, kept equal by a test).
     description = "Evaluate an arithmetic expression."
     parameters = {
         "type": "object",

@@ -17,7 +17,7 @@ def ensure_base_model(recipe) -> str:
     path = recipe.model.name_or_path
     tiny = recipe.model.build_tiny
     if tiny is not None and not (Path(path) / "config.json").exists():
-        from metis_cli.train.tiny import build_tiny_model
+        from metis_cli.model.tiny import build_tiny_model
 
         build_tiny_model(
             Path(path),
@@ -39,7 +39,7 @@ def check_model_path(path: str, field: str) -> None:
 def load_tokenizer(path: str, *, field: str = "model.name_or_path", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from metis_cli.train.runtime import quiet_libraries
+    from metis_cli.model.runtime import quiet_libraries
 
     quiet_libraries()
     check_model_path(path, field)
@@ -70,7 +70,7 @@ def load_model(path: str, *, dtype, device: str, field: str = "model.name_or_pat
     """A causal LM from a model folder or a LoRA adapter folder (merged for inference use)."""
     from transformers import AutoModelForCausalLM
 
-    from metis_cli.train.runtime import quiet_libraries
+    from metis_cli.model.runtime import quiet_libraries
 
     quiet_libraries()
     check_model_path(path, field)
@@ -110,7 +110,7 @@ def load_policy(path: str, recipe, *, device: str, field: str, trainable: bool =
     An adapter folder is loaded trainable (continuing LoRA training); a full model gets a new
     adapter when LoRA is enabled.
     """
-    from metis_cli.train.runtime import pick_dtype
+    from metis_cli.model.runtime import pick_dtype
 
     dtype = pick_dtype(recipe.model.dtype, device)
     tokenizer = load_tokenizer(path, field=field, trust_remote_code=recipe.model.trust_remote_code)
