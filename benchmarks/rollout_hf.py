@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from metis_cli.agent.backend import SamplingParams
 from metis_cli.agent.hf_backend import HFBackend
 from metis_cli.agent.rollout import RolloutEngine
 from metis_cli.agent.tools.registry import ToolRegistry
@@ -33,8 +34,8 @@ from metis_cli.model.tiny import build_tiny_model
 
 def backend_tokens_per_s(backend: HFBackend, prompts: list[list[int]], max_new_tokens: int) -> float:
     started = time.perf_counter()
-    generations = backend.generate(prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
-                                   stop_token_ids=[], seed=0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, stop_token_ids=[], seed=0)
+    generations = backend.generate(prompts, params)
     return sum(len(g.token_ids) for g in generations) / (time.perf_counter() - started)
 
 

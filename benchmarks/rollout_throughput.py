@@ -68,7 +68,7 @@ def metis_rollouts(backend_name: str, model_dir: Path, prompts: list[list[dict]]
                           "generated_tokens": sum(r.generated_tokens for r in rollouts),
                           "rollouts": len(rollouts), "with_tools": sum(r.tool_calls > 0 for r in rollouts)})
     finally:
-        getattr(backend, "close", lambda: None)()
+        backend.close()
     return _summary(backend_name, steps[args.warmup_steps:])
 
 

@@ -73,16 +73,18 @@ def metis_steps(backend_name: str, model_dir: Path, rows: list[dict], args, work
                             cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"metis hdpo ({backend_name}) failed:\n{result.stderr[-4000:]}")
-    lines = (Path(recipe.hdpo.output) / "metrics.jsonl").read_text().splitlines()
-    measured = [r for r in map(json.loads, lines) if "step_s" in r and r["step"] > args.warmup_steps]
+    from metis_cli.telemetry import metrics as m
+
+    records = m.read_metrics(Path(recipe.hdpo.output) / "metrics.jsonl")
+    measured = [r for r in records if m.STEP_S in r and r[m.STEP] > args.warmup_steps]
     return {"engine": backend_name, "steps": len(measured),
             "micro_batch_size": recipe.hdpo.micro_batch_size,
-            "step_s": [r["step_s"] for r in measured],
-            "step_s_median": _median(r["step_s"] for r in measured),
-            "generation_s_median": _median(r["rollout_s"] for r in measured),
-            "update_s_median": _median(r["update_s"] for r in measured),
-            "generated_tokens_per_step": _median(r["generated_tokens"] for r in measured),
-            "tool_call_ratio": _median(r["tool_call_ratio"] for r in measured)}
+            "step_s": [r[m.STEP_S] for r in measured],
+            "step_s_median": _median(r[m.STEP_S] for r in measured),
+            "generation_s_median": _median(r[m.ROLLOUT_S] for r in measured),
+            "update_s_median": _median(r[m.UPDATE_S] for r in measured),
+            "generated_tokens_per_step": _median(r[m.GENERATED_TOKENS] for r in measured),
+            "tool_call_ratio": _median(r[m.TOOL_CALL_RATIO] for r in measured)}
 
 
 def trl_steps(mode: str, model_dir: Path, rows: list[dict], args, work_dir: Path) -> dict:

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from metis_cli.telemetry import metrics as m
+
 REPO = Path(__file__).resolve().parents[1]
 EXACT_ANSWERS = ["data.synthetic.answer_noise=0.0"]
 COUPLED_LARGE = ["hdpo.estimator=coupled", "hdpo.coupled.mode=penalty", "hdpo.coupled.coef=1.0"]
@@ -52,7 +54,15 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def curriculum(records: list[dict]) -> list[float]:
-    return [r["efficiency_group_share"] for r in records if "efficiency_group_share" in r]
+    return [r[m.EFFICIENCY_GROUP_SHARE] for r in records if m.EFFICIENCY_GROUP_SHARE in r]
+
+
+def third_means(values: list[float]) -> tuple[float | None, float | None]:
+    """Means of the first and the last third of `values` (None when there are none)."""
+    if not values:
+        return None, None
+    third = max(1, len(values) // 3)
+    return sum(values[:third]) / third, sum(values[-third:]) / third
 
 
 def main() -> None:
@@ -78,16 +88,15 @@ def main() -> None:
                          *sets(base + sft_overrides + hdpo_overrides
                                + [f"hdpo.init_from={sft_dir}/final", f"hdpo.output={stage_dir}"])])
         done = json.loads((stage_dir / "DONE.json").read_text())
-        records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-        share = curriculum(records)
-        accuracy = [r["accuracy"] for r in records if "efficiency_group_share" in r]
-        third = max(1, len(share) // 3)
+        records = m.read_metrics(stage_dir / "metrics.jsonl")
+        share_first, share_last = third_means(curriculum(records))
+        # accuracy is null at a step where nothing was scored
+        accuracy_first, accuracy_last = third_means(
+            [r[m.ACCURACY] for r in records if m.EFFICIENCY_GROUP_SHARE in r and r.get(m.ACCURACY) is not None])
         results["variants"][name] = {
             "hdpo_s": round(seconds, 1), "before": done["eval_first"], "after": done["eval_last"],
-            "efficiency_group_share_first_third": sum(share[:third]) / third,
-            "efficiency_group_share_last_third": sum(share[-third:]) / third,
-            "train_accuracy_first_third": sum(accuracy[:third]) / third,
-            "train_accuracy_last_third": sum(accuracy[-third:]) / third,
+            "efficiency_group_share_first_third": share_first, "efficiency_group_share_last_third": share_last,
+            "train_accuracy_first_third": accuracy_first, "train_accuracy_last_third": accuracy_last,
         }
         print(json.dumps({name: results["variants"][name]}), flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,15 +117,22 @@ def markdown(results: dict) -> str:
         b, a = v["before"], v["after"]
 
         def pair(subset: str, key: str) -> str:
-            return f"{b[subset][key]:.0%} -> {a[subset][key]:.0%}"
+            return f"{_percent(b[subset].get(key))} -> {_percent(a[subset].get(key))}"
 
-        lines.append(f"| {name} | {pair('easy', 'accuracy')} | {pair('easy', 'tool_call_ratio')} | "
-                     f"{pair('hard', 'accuracy')} | {pair('hard', 'tool_call_ratio')} | "
-                     f"{v['efficiency_group_share_first_third']:.2f} -> {v['efficiency_group_share_last_third']:.2f} | "
-                     f"{v['train_accuracy_first_third']:.2f} -> {v['train_accuracy_last_third']:.2f} | {v['hdpo_s']} |")
+        def trend(key: str) -> str:
+            first, last = v[f"{key}_first_third"], v[f"{key}_last_third"]
+            return "–" if first is None else f"{first:.2f} -> {last:.2f}"
+
+        lines.append(f"| {name} | {pair('easy', m.ACCURACY)} | {pair('easy', m.TOOL_CALL_RATIO)} | "
+                     f"{pair('hard', m.ACCURACY)} | {pair('hard', m.TOOL_CALL_RATIO)} | "
+                     f"{trend('efficiency_group_share')} | {trend('train_accuracy')} | {v['hdpo_s']} |")
     for sft_name, seconds in results.get("sft_s", {}).items():
         lines.append(f"\nSFT ({sft_name}) wall time: {seconds:.0f} s")
     return "\n".join(lines) + "\n"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
 
 
 if __name__ == "__main__":

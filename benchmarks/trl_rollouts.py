@@ -17,7 +17,7 @@ TRL renders a tool from its Python signature and docstring; metis's calculator s
 extra arguments, which a docstring cannot say. The tiny tokenizer and model are fitted on metis's
 spec, so `calculator` is rendered as `tool_spec`, and the run stops unless every prompt's ids
 equal `prompt_ids`: both sides then sample from the very same prompts.
-Two patches make TRL's vLLM colocate mode run on CPU vLLM (DESIGN.md): the engine gets
+Two patches make TRL's vLLM colocate mode run on CPU vLLM (docs/rl-step.md): the engine gets
 dtype=float32 (vLLM picks bf16 on CPU otherwise), eager mode and an explicit KV-cache size; and
 weight sync uses vLLM's reload_weights (TRL's per-tensor `model.load_weights` fails on CPU, where
 vLLM repacks linear weights). Neither changes how TRL generates or runs tools.

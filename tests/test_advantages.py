@@ -34,7 +34,7 @@ def close(actual, expected, tol=1e-5):
 
 
 def rewards_for(correct, tool_calls, well_formed=None):
-    """r_acc and r_tool as DESIGN.md defines them."""
+    """r_acc and r_tool as docs/algorithm.md defines them."""
     well_formed = well_formed or [1] * len(correct)
     r_acc = [0.9 * c + 0.1 * f for c, f in zip(correct, well_formed, strict=True)]
     r_tool = [1 / (n + 1) if c else 0.0 for c, n in zip(correct, tool_calls, strict=True)]
@@ -94,7 +94,7 @@ def test_wrong_rollouts_never_get_efficiency_credit():
 
 
 def test_single_sample_group_uses_mean_zero_std_one():
-    # DESIGN.md: a group of one gets mean 0, std 1, i.e. its advantage is its raw reward.
+    # docs/algorithm.md: a group of one gets mean 0, std 1, i.e. its advantage is its raw reward.
     r_acc, r_tool = rewards_for([1], [0])
     a_acc, a_tool = hdpo_advantages(r_acc, r_tool, ids([5]))
     close(a_acc, [1.0 / (1 + EPS)])

@@ -18,7 +18,7 @@ from metis_cli.cli.main import app
 from metis_cli.data import synthetic
 from metis_cli.data.datasets import load_examples
 from metis_cli.recipe import validate_data
-from metis_cli.stages.chat import StreamingHFBackend, open_session
+from metis_cli.stages.chat import open_session
 from metis_cli.stages.chat_repl import Repl
 from metis_cli.model.tiny import build_tiny_model
 
@@ -108,8 +108,9 @@ def test_repl_question_tools_save_quit(tmp_path, model_dir):
     assert example.trajectory == messages
 
 
-class ScriptedBackend(StreamingHFBackend):
-    """Writes fixed turns instead of sampling: a failing call, a malformed call, a good call, the answer."""
+class ScriptedBackend:
+    """Writes fixed turns instead of sampling, token by token through the chat's stream: a failing
+    call, a malformed call, a good call, the answer."""
 
     TURNS = [
         '<tool_call>{"name": "calculator", "arguments": {"expression": "2 +"}}</tool_call>',
@@ -118,19 +119,27 @@ class ScriptedBackend(StreamingHFBackend):
         "<answer>5535</answer><|im_end|>",
     ]
 
-    def _generate_one(self, prompt, max_new_tokens, temperature, top_p, stop_token_ids, greedy, seed):
+    def __init__(self, tokenizer, stream):
+        self.tokenizer, self.stream, self.turn = tokenizer, stream, 0
+
+    def generate(self, prompts, params):
+        ids = self.tokenizer.encode(self.TURNS[self.turn], add_special_tokens=False)
         self.turn += 1
-        self.listener.on_turn_start(self.turn)
-        text = self.TURNS[self.turn - 1]
-        self.listener.on_text(text.replace("<|im_end|>", ""))
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return Generation(ids, [0.0] * len(ids), "stop")
+        for token_id in ids:
+            self.stream.on_tokens([0], [token_id])
+        return [Generation(ids, [0.0] * len(ids), "stop")]
+
+    def update_weights(self, model):
+        pass
+
+    def close(self):
+        pass
 
 
 def test_tool_errors_and_malformed_calls_are_shown_and_the_session_goes_on(model_dir):
     recipe = validate_data({"model": {"name_or_path": str(model_dir)}, "run": {"output_dir": ".", "threads": 1}})
     session = open_session(str(model_dir), recipe, quiet=True)
-    session.backend = session.engine.backend = ScriptedBackend(session.backend.model, session.backend.tokenizer)
+    session.engine.backend = ScriptedBackend(session.agent.tokenizer, session.stream)
     screen = io.StringIO()
     repl = Repl(session, Console(file=screen, width=100, highlight=False))
 
@@ -146,6 +155,8 @@ def test_tool_errors_and_malformed_calls_are_shown_and_the_session_goes_on(model
     assert "malformed tool call" in text and "invalid JSON" in text
     assert "calculator" in text and "-> 5535" in text
     assert "answer: 5535" in text and "3 tool calls" in text
+    # Each turn's text streamed after its prompt marker (the panels show the arguments, not this raw call).
+    assert text.count("model>") == 4 and '"arguments": {"expression": "2 +"}' in text.split("model>")[1]
     assert [m["role"] for m in session.messages].count("tool") == 3
 
 

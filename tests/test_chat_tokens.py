@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
 
 from metis_cli.data import synthetic
 from metis_cli.data.chat import continuation_after_tools, prompt_ids, tokenize_conversation
 from metis_cli.errors import DataError, ModelError
-from metis_cli.model.tiny import build_tiny_model
 
 TOOLS = [synthetic.CALCULATOR_TOOL_SPEC]
 CALL = synthetic.calculator_call("278 * 14")
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    model_dir = build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1, num_heads=2,
-                                 intermediate_size=64)
-    return AutoTokenizer.from_pretrained(model_dir)
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def conversation() -> list[dict]:

@@ -15,16 +15,14 @@ from test_curate import direct_row, filter_entry, read_jsonl, tool_row, write_js
 from typer.testing import CliRunner
 
 from metis_cli.cli.main import app
-from metis_cli.model.tiny import build_tiny_model
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_model_dir):
     torch.set_num_threads(1)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=2,
-                            num_heads=2, intermediate_size=64)
+    return tiny_model_dir
 
 
 def write_recipe(tmp_path: Path, model_dir: Path, data: Path, curate: dict) -> Path:

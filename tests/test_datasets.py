@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from metis_cli.data.datasets import Example, iter_examples, load_examples
 from metis_cli.errors import DataError
+from metis_cli.recipe.schema import DataSource
 
 SYSTEM = {"role": "system", "content": "You can call a calculator."}
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "123 * 45"}}</tool_call>'
@@ -80,15 +80,24 @@ def test_prompt_ends_at_the_last_user_turn(tmp_path):
     assert example.answer is None and example.subset == "default"
 
 
-def test_recipe_like_source_object_limit_and_subset_field(tmp_path):
+def test_recipe_source_limit_and_subset_field(tmp_path):
     rows = [dict(PROMPT_ROW, id=f"r{i}", level=f"L{i}") for i in range(5)]
     path = write_jsonl(tmp_path / "rl.jsonl", rows)
-    source = SimpleNamespace(path=str(path), split=None, layout="messages",
-                             subset_field="level", limit=3)
+    source = DataSource(path=str(path), layout="messages", subset_field="level", limit=3)
     examples = load_examples(source)
     assert [e.id for e in examples] == ["r0", "r1", "r2"]
     assert [e.subset for e in examples] == ["L0", "L1", "L2"]
     assert [e.id for e in load_examples(path, limit=2)] == ["r0", "r1"]
+
+
+def test_bad_source_settings_are_data_errors_naming_the_source(tmp_path):
+    path = write_jsonl(tmp_path / "rl.jsonl", [PROMPT_ROW])
+    with pytest.raises(DataError, match=r"rl\.jsonl: layout: .*'auto', 'messages' or 'verl'"):
+        load_examples(path, layout="sharegpt")
+    with pytest.raises(DataError, match=r"rl\.jsonl: limit: .*greater than 0"):
+        load_examples(path, limit=0)
+    with pytest.raises(DataError, match="no `path`"):
+        load_examples({"layout": "messages"})
 
 
 def test_iter_examples_is_lazy(tmp_path):
@@ -224,7 +233,9 @@ MALFORMED = [
     (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "answer": "1"}),
      "content must be a string, got list"),
     (json.dumps({"messages": [user()]}), "missing `answer`"),
-    (json.dumps({"messages": [user()], "answer": ["1", "2"]}), "`answer` must be a string or a number"),
+    (json.dumps({"messages": [user()], "answer": {"value": "1"}}), "`answer` must be a string, a number or a list"),
+    (json.dumps({"messages": [user()], "answer": ["1", {"value": "2"}]}), "`answer\\[1\\]` must be a string"),
+    (json.dumps({"messages": [user()], "answer": [" ", ""]}), "missing `answer`"),
     (json.dumps({"messages": [SYSTEM, {"role": "assistant", "content": "hi"}], "answer": "1"}),
      "no user message"),
     (json.dumps({"messages": ["hello"], "answer": "1"}), "message 1 must be an object"),
@@ -236,6 +247,18 @@ def test_malformed_rows_name_file_line_and_problem(tmp_path, bad_line, problem):
     path = write_jsonl(tmp_path / "rl.jsonl", [PROMPT_ROW, "", bad_line])
     with pytest.raises(DataError, match=rf"rl\.jsonl line 3: .*{problem}"):
         load_examples(path)
+
+
+def test_list_ground_truths_are_kept_as_acceptable_answers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = dict(verl_row(0, "q", "x"), reward_model={"style": "rule", "ground_truth": ["NYC", " New York "]})
+    path = tmp_path / "v.parquet"
+    pq.write_table(pa.Table.from_pylist([row]), path)
+    assert [e.answer for e in load_examples(path)] == [["NYC", "New York"]]
+    jsonl = write_jsonl(tmp_path / "rl.jsonl", [dict(PROMPT_ROW, answer=["8", 8.0, ""])])
+    assert [e.answer for e in load_examples(jsonl)] == [["8", "8.0"]]
 
 
 def test_verl_row_without_ground_truth(tmp_path):

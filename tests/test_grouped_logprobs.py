@@ -1,12 +1,11 @@
 """Prompt sharing in the RL update: `grouped_token_logprobs` runs each distinct prompt once and
 must give the same log-probs, entropies and parameter gradients as one plain forward per rollout,
-and `HdpoStage.update` built on it must produce the full-batch HDPO gradient and figures."""
+and `stages.hdpo_update.policy_update` built on it must produce the full-batch HDPO gradient and figures."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from metis_cli.agent.rollout import Rollout, RolloutBatch
 from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean
+from metis_cli.algo.types import Advantages
 from metis_cli.recipe.load import load_recipe
-from metis_cli.stages.hdpo import HdpoStage
+from metis_cli.stages.hdpo_update import policy_update
 from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt, token_logprobs
 from metis_cli.model.tiny import build_tiny_model
 
@@ -153,17 +153,13 @@ def test_hdpo_update_gives_the_full_batch_gradient_and_figures(model_dir, ppo_ep
             p.add_(0.01 * torch.randn_like(p))
     recipe = load_recipe(TINY_RECIPE, [
         f"hdpo.ppo_epochs={ppo_epochs}", f"hdpo.kl_coef={kl_coef}", "hdpo.micro_batch_size=3", "hdpo.grad_clip=1e9"])
-    stage = HdpoStage(recipe)
-    stage.model, stage.device = model, torch.device("cpu")
-    stage.reference = reference if kl_coef > 0 else None
-    stage.tokenizer = SimpleNamespace(pad_token_id=0)
-    stage.backend = SimpleNamespace(update_weights=lambda model: None)
-    stage.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: the last grads are comparable
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: the last grads are comparable
     rollouts = make_rollouts(model.config.vocab_size)
     a_acc = torch.tensor([1.0, -0.5, -0.5, 0.7, -0.7, 1.2, 0.0, -1.2])
     a_tool = torch.tensor([0.8, -0.8, 0.0, 0.0, 0.0, 0.5, 0.0, -0.5])
-    keep = torch.ones(len(rollouts), dtype=torch.bool)
-    figures = stage.update(rollouts, a_acc, a_tool, keep)
+    figures = vars(policy_update(model, optimizer, rollouts, Advantages(a_acc, a_tool), recipe.hdpo, pad_token_id=0,
+                                 temperature=recipe.rollout.temperature, device=torch.device("cpu"),
+                                 reference=reference if kl_coef > 0 else None))
     update_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
 
     cfg = recipe.hdpo

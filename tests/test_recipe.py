@@ -82,6 +82,11 @@ BAD = {
     "bad-literal": (MINIMAL + "hdpo:\n  estimator: ppo\n", [], ["hdpo.estimator: must be one of", "'ppo'"]),
     "judge-missing": (MINIMAL + "reward:\n  checker: judge\n", [], ["reward.judge", "needs a reward.judge section"]),
     "set-unknown-section": (MINIMAL, ["hpdo.steps=3"], ["unknown section 'hpdo'", "did you mean 'hdpo'"]),
+    "search-http-no-url": (MINIMAL + "tools:\n  enabled: [search]\n  search:\n    backend: http\n", [],
+                           ["tools.search.http.url", "needs the search API's url"]),
+    "judge-bad-prompt": (MINIMAL + "reward:\n  checker: judge\n  judge:\n    base_url: http://x/v1\n    model: m\n"
+                         "    prompt: 'Is {prediction} right?'\n", [], ["reward.judge", "{ground_truth}"]),
+    "bad-format-rule": (MINIMAL + "reward:\n  format: xml\n", [], ["reward.format: must be one of", "'reason'"]),
 }
 
 

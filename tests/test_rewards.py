@@ -7,15 +7,16 @@ import threading
 import pytest
 
 from metis_cli.errors import MetisError
-from metis_cli.rewards.answer import extract_answer, final_answer
+from metis_cli.rewards.answer import extract_answer, final_answer, rollout_answer
 from metis_cli.rewards.checkers import (
+    best_match,
     exact_match,
     get_checker,
     math_verify_match,
     numeric_match,
 )
 from metis_cli.rewards.format import format_ok
-from metis_cli.rewards.scoring import score_rollout
+from metis_cli.rewards.scoring import score_rollout, scored_incorrect
 
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "123 * 45"}}</tool_call>'
 
@@ -159,3 +160,99 @@ def test_score_rollout_unscored_when_checker_cannot_decide():
     assert score.correct is None
     assert score.r_acc is None and score.r_tool is None
     assert score.format_ok is True and score.answer == "8"
+
+
+# ------------------------------------------------------- official rules: reason / think / none
+REASON_CALL = f"<reason>need the product</reason>{CALL}"
+
+
+@pytest.mark.parametrize(
+    ("turns", "rule", "ok"),
+    [
+        ([REASON_CALL, "<reason>got it</reason><answer>5535</answer>"], "reason", True),
+        (["<answer>8</answer>"], "reason", True),  # no reasoning at all: counts are 0 == 0
+        # counts only: text after the answer and two answers still pass
+        (["<reason>r</reason><answer>8</answer> trailing"], "reason", True),
+        (["<reason>r</reason><answer>1</answer><answer>2</answer>"], "reason", True),
+        # an answer in an earlier turn counts too (the whole response)
+        (["<reason>r</reason><answer>1</answer>" + CALL, "done"], "reason", True),
+        (["<reason>r</reason>", "<answer>8</answer>"], "reason", True),
+        (["<reason>unclosed <answer>8</answer>"], "reason", False),
+        (['<reason>r</reason><tool_call>{"name": "calculator"}', "<answer>8</answer>"], "reason", False),
+        (["<answer>8</answer><reason>after</reason>"], "reason", False),  # nothing after the last </reason>
+        (["<reason>r</reason><answer>8"], "reason", False),
+        (["<reason>r</reason> no answer"], "reason", False),
+        # <think> is not <reason>: the reason rule ignores it, the think rule checks it
+        (["<think>unclosed <answer>8</answer>"], "reason", True),
+        (["<think>unclosed <answer>8</answer>"], "think", False),
+        (["<think>t</think><answer>8</answer>"], "think", True),
+        (["<answer>8</answer><think>after</think>"], "think", False),
+        (["no answer, no tags"], "none", True),
+        ([], "none", True),
+        ([], "reason", False),
+    ],
+)
+def test_format_rules(turns, rule, ok):
+    assert format_ok(turns, rule) is ok
+
+
+def test_metis_rule_is_the_default_and_stricter_than_reason():
+    turns = ["<answer>1</answer><answer>2</answer>"]
+    assert not format_ok(turns) and not format_ok(turns, "metis")
+    assert format_ok(turns, "reason")
+
+
+def test_unknown_format_rule():
+    with pytest.raises(ValueError, match="unknown format rule"):
+        format_ok(["<answer>1</answer>"], "xml")
+
+
+def test_answer_position_first_reads_the_whole_response():
+    turns = ["<reason>r</reason><answer> early </answer>" + CALL, "<answer>1</answer> no, <answer>2</answer>"]
+    assert rollout_answer(turns, "last") == "2"
+    assert rollout_answer(turns, "first") == "early"
+    assert rollout_answer(["no tag"], "first") is None
+
+
+def test_answer_position_first_is_a_search_over_the_joined_turns():
+    # like the official regex over the decoded response: an open <answer> runs to the next </answer>
+    assert rollout_answer(["<answer>never closed", "<answer>x</answer>"], "first") == "never closed\n<answer>x"
+    assert rollout_answer(["<answer>a</answer>", "<answer>b</answer>"], "first") == "a"
+
+
+def test_score_rollout_official_rules():
+    turns = [REASON_CALL, "<reason>checked</reason><answer>5535</answer> trailing <answer>9</answer>"]
+    official = score_rollout(turns, "5535", 1, exact_match, format_rule="reason", answer_position="first")
+    assert official.correct is True and official.format_ok is True and official.answer == "5535"
+    assert (official.r_acc, official.r_tool) == pytest.approx((1.0, 0.5))
+    metis = score_rollout(turns, "5535", 1, exact_match)
+    assert metis.correct is False and metis.format_ok is False and metis.answer == "9"
+    assert (metis.r_acc, metis.r_tool) == pytest.approx((0.0, 0.0))
+
+
+# -------------------------------------------------------------------- list ground truths
+@pytest.mark.parametrize("checker", [exact_match, numeric_match, math_verify_match])
+def test_list_gold_scores_the_best_match_for_every_checker(checker):
+    assert score_rollout(["<answer>7</answer>"], ["6", "7"], 0, checker).correct is True
+    assert score_rollout(["<answer>8</answer>"], ["6", "7"], 0, checker).correct is False
+    assert score_rollout(["<answer>7</answer>"], "7", 0, checker).correct is True
+
+
+def test_best_match_stops_at_a_match_and_keeps_undecided():
+    asked = []
+
+    def check(prediction, gold):
+        asked.append(gold)
+        return {"a": None, "b": False, "c": True}[gold]
+
+    assert best_match(check, "p", ["b", "c", "a"]) is True and asked == ["b", "c"]
+    assert best_match(check, "p", ["b", "a"]) is None  # a match is still possible: unscored, not wrong
+    assert best_match(check, "p", ["b"]) is False
+    assert best_match(check, "p", []) is False
+
+
+def test_scored_incorrect_keeps_the_format_reward():
+    unscored = score_rollout(["<answer>8</answer>"], "8", 2, lambda prediction, gold: None)
+    wrong = scored_incorrect(unscored, format_weight=0.1)
+    assert (wrong.correct, wrong.r_acc, wrong.r_tool, wrong.scoring_failed) == (False, pytest.approx(0.1), 0.0, True)
+    assert wrong.answer == "8" and not unscored.scoring_failed

@@ -7,33 +7,32 @@ that the sampler's log-probs are the ones the trainer recomputes.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from metis_cli.agent.backend import Generation, GenerationBackend
+from metis_cli.agent.backend import Generation, GenerationBackend, SamplingParams
 from metis_cli.agent.hf_backend import HFBackend
-from metis_cli.agent.rollout import RolloutBatch, RolloutEngine
+from metis_cli.agent.rollout import RolloutBatch, RolloutEngine, RolloutListener
 from metis_cli.agent.tools.base import ToolErrorKind, ToolResult, error_result
 from metis_cli.data import synthetic
 from metis_cli.data.chat import tokenize_conversation
-from metis_cli.model.tiny import build_tiny_model
 
 SCRIPTED_LOGPROB = -0.5
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tiny_model_dir):
     torch.set_num_threads(1)
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=2, num_heads=2,
-                            intermediate_size=64)
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_dir):
-    return AutoTokenizer.from_pretrained(model_dir)
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 class ScriptedBackend:
@@ -44,20 +43,23 @@ class ScriptedBackend:
         self.policy = policy
         self.calls = 0
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, stop_token_ids, greedy=False, seed=None):
+    def generate(self, prompts, params: SamplingParams):
         self.calls += 1
         generations = []
         for prompt in prompts:
             ids = self.tokenizer.encode(self.policy(self.tokenizer.decode(prompt)), add_special_tokens=False)
-            stop_at = next((i for i, t in enumerate(ids) if t in stop_token_ids), None)
-            if stop_at is not None and stop_at < max_new_tokens:
+            stop_at = next((i for i, t in enumerate(ids) if t in params.stop_token_ids), None)
+            if stop_at is not None and stop_at < params.max_new_tokens:
                 ids, finish = ids[: stop_at + 1], "stop"
             else:
-                ids, finish = ids[:max_new_tokens], "length"
+                ids, finish = ids[: params.max_new_tokens], "length"
             generations.append(Generation(ids, [SCRIPTED_LOGPROB] * len(ids), finish))
         return generations
 
     def update_weights(self, model):
+        pass
+
+    def close(self):
         pass
 
 
@@ -311,23 +313,24 @@ def test_hf_backend_batches_left_padded_prompts_like_single_ones(model_dir, toke
     assert isinstance(backend, GenerationBackend)
     batch = [tokenizer.encode(text) for text in ("What is 2 + 2?", "Hi", "What is 278 * 14? Think step by step.")]
     stop_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    options = dict(max_new_tokens=16, temperature=1.0, top_p=1.0, stop_token_ids=stop_ids)
-    together = backend.generate(batch, greedy=True, **options)
-    alone = [backend.generate([prompt], greedy=True, **options)[0] for prompt in batch]
+    greedy = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0, stop_token_ids=stop_ids, greedy=True)
+    together = backend.generate(batch, greedy)
+    alone = [backend.generate([prompt], greedy)[0] for prompt in batch]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     for a, b in zip(together, alone):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
         assert len(a.token_ids) == 16 or a.token_ids[-1] in stop_ids
     # A vanishing top-p keeps only the most likely token: sampling becomes greedy.
-    nucleus = backend.generate(batch, **{**options, "top_p": 1e-9}, seed=3)
+    nucleus = backend.generate(batch, dataclasses.replace(greedy, greedy=False, top_p=1e-9, seed=3))
     assert [g.token_ids for g in nucleus] == [g.token_ids for g in together]
 
 
 def test_hf_backend_stops_each_row_at_its_own_stop_token(model_dir, tokenizer):
     backend = HFBackend(tool_happy_model(model_dir), tokenizer)
     stop_id = tokenizer.convert_tokens_to_ids("</tool_call>")
-    generations = backend.generate([tokenizer.encode("What is 2 + 2?")] * 8, max_new_tokens=6, temperature=1.0,
-                                   top_p=1.0, stop_token_ids=[stop_id], seed=0)
+    generations = backend.generate([tokenizer.encode("What is 2 + 2?")] * 8,
+                                   SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1.0,
+                                                  stop_token_ids=[stop_id], seed=0))
     assert {g.finish_reason for g in generations} == {"stop", "length"}
     for g in generations:
         assert len(g.token_ids) == len(g.logprobs)
@@ -339,7 +342,7 @@ def test_hf_backend_stops_each_row_at_its_own_stop_token(model_dir, tokenizer):
 def test_tool_calls_still_running_when_a_run_stops_are_cancelled():
     import asyncio
 
-    from metis_cli.agent.rollout import _ToolLoop
+    from metis_cli.agent.continuous import _ToolLoop
 
     events = []
 
@@ -354,3 +357,44 @@ def test_tool_calls_still_running_when_a_run_stops_are_cancelled():
             job = loop.run(long_tool_call())
             raise RuntimeError("a bug half-way through a run")
     assert events == ["torn down"] and job.cancelled()
+
+
+class RecordingListener(RolloutListener):
+    """Every event the engine reports, per rollout, in the order it came."""
+
+    def __init__(self):
+        self.events: dict[tuple[int, int], list[tuple]] = {}
+
+    def _add(self, rollout, *event):
+        self.events.setdefault((rollout.prompt_index, rollout.sample_index), []).append(event)
+
+    def on_turn_start(self, rollout):
+        self._add(rollout, "turn", rollout.num_turns + 1)
+
+    def on_tool_start(self, rollout, call):
+        self._add(rollout, "call", call.name, call.error is not None)
+
+    def on_tool_result(self, rollout, call, result):
+        self._add(rollout, "result", result.text, result.error)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_the_listener_hears_every_turn_and_tool_call_in_both_schedules(tiny_tokenizer, continuous):
+    from test_continuous_scheduler import GatedCalculator, ScriptedContinuousBackend, make_engine
+    from test_continuous_scheduler import prompts as scheduler_prompts
+
+    backend = ScriptedContinuousBackend(tiny_tokenizer)
+    listener = RecordingListener()
+    runner = make_engine(tiny_tokenizer, backend, GatedCalculator(backend), continuous=continuous)
+    rollouts = runner.run(scheduler_prompts("1 + 1", "3 * 4", "6 + 7"), 2, listener=listener)
+    assert (backend.steps > 0) == continuous
+    assert listener.events[(0, 1)] == [("turn", 1)]
+    assert listener.events[(1, 0)] == [("turn", 1), ("call", "calculator", False), ("result", "12", None),
+                                       ("turn", 2), ("call", "calculator", False), ("result", "12", None),
+                                       ("turn", 3)]
+    assert listener.events[(2, 1)] == [("turn", 1), ("call", None, True),
+                                       ("result", listener.events[(2, 1)][2][1], "malformed"), ("turn", 2)]
+    for rollout in rollouts:  # one turn event per turn, one result per counted call
+        events = listener.events[(rollout.prompt_index, rollout.sample_index)]
+        assert sum(e[0] == "turn" for e in events) == rollout.num_turns
+        assert sum(e[0] == "result" for e in events) == rollout.tool_calls

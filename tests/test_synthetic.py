@@ -159,3 +159,18 @@ def test_synthetic_files_follow_the_recipe_parameters(tmp_path):
     assert materialize_synthetic("cold_start", recipe()) == first
     changed = materialize_synthetic("cold_start", recipe(answer_noise=0.5))
     assert changed != first and changed.read_text() != first.read_text()
+
+
+def test_every_synthetic_set_a_recipe_may_name_has_rows_and_others_are_refused():
+    from metis_cli.data.sources import synthetic_rows
+    from metis_cli.errors import DataError, RecipeError
+    from metis_cli.recipe.load import validate_data
+    from metis_cli.recipe.schema import SYNTHETIC_SETS, SyntheticConfig
+
+    small = SyntheticConfig(knowledge_examples=5, cold_start_examples=5, rl_prompts=5, eval_per_subset=2)
+    for name in SYNTHETIC_SETS:
+        assert synthetic_rows(name, small), name
+    with pytest.raises(DataError, match="known: knowledge, cold_start, rl, eval"):
+        synthetic_rows("nope", small)
+    with pytest.raises(RecipeError, match=r"data\.rl.*unknown synthetic set 'nope'"):
+        validate_data({"model": {"name_or_path": "m"}, "data": {"rl": [{"path": "synthetic:nope"}]}})

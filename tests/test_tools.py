@@ -17,6 +17,7 @@ from metis_cli.agent.tools.calculator import CalculatorTool
 from metis_cli.agent.tools.search import SearchTool
 from metis_cli.cli.tools import app as tools_app
 from metis_cli.errors import DataError, ToolConfigError
+from metis_cli.recipe.schema import PythonToolConfig, SearchToolConfig
 
 
 def run_tool(tool, arguments: dict) -> ToolResult:
@@ -142,15 +143,15 @@ def test_execute_many_works_inside_a_running_event_loop():
 
 
 def tools_cfg(**overrides) -> SimpleNamespace:
-    python = SimpleNamespace(wall_timeout_s=5, cpu_time_s=2, memory_mb=256, output_bytes=4096, max_processes=8,
-                             sandbox="auto")  # fmt: skip
+    python = PythonToolConfig(wall_timeout_s=5, cpu_time_s=2, memory_mb=256, output_bytes=4096, max_processes=8,
+                              sandbox="auto")  # fmt: skip
     values = dict(enabled=["calculator"], timeout_s=5.0, max_calls_per_rollout=3, max_concurrency=4, python=python,
-                  search=SimpleNamespace(corpus=None, top_k=2), costs={})  # fmt: skip
+                  search=SearchToolConfig(corpus=None, top_k=2), costs={})  # fmt: skip
     return SimpleNamespace(**(values | overrides))
 
 
 def test_from_config_builds_only_enabled_tools(corpus_file):
-    cfg = tools_cfg(enabled=["search", "calculator", "python"], search=SimpleNamespace(corpus=str(corpus_file), top_k=2))
+    cfg = tools_cfg(enabled=["search", "calculator", "python"], search=SearchToolConfig(corpus=str(corpus_file), top_k=2))
     registry = ToolRegistry.from_config(cfg)
     assert registry.names() == ["search", "calculator", "python"]
     assert (registry.timeout_s, registry.max_calls_per_rollout, registry.max_concurrency) == (5.0, 3, 4)
@@ -171,7 +172,7 @@ def test_unknown_tool_in_config_is_a_config_error():
 @pytest.mark.parametrize("corpus", [None, "/nonexistent/corpus.jsonl"])
 def test_search_without_a_corpus_names_the_recipe_field(corpus):
     with pytest.raises(ToolConfigError, match="tools.search.corpus"):
-        ToolRegistry.from_config(tools_cfg(enabled=["search"], search=SimpleNamespace(corpus=corpus, top_k=3)))
+        ToolRegistry.from_config(tools_cfg(enabled=["search"], search=SearchToolConfig(corpus=corpus, top_k=3)))
 
 
 # ------------------------------------------------------------------------------------- search

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from metis_cli.errors import MetisError, RunFolderError
 from metis_cli.telemetry import control
-from metis_cli.tui.history import MetricsHistory
+from metis_cli.telemetry.history import MetricsHistory
 from metis_cli.tui.metrics_tail import LatestRollouts, MetricsTail
 from metis_cli.tui.rollout_view import format_rollout
 from metis_cli.tui.source import StageLocation, StageSource, find_stage

@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from metis_cli.agent.backend import SamplingParams
 from metis_cli.agent.factory import build_backend, build_engine, build_registry
 from metis_cli.agent.hf_backend import HFBackend
 from metis_cli.agent.rollout import RolloutBatch
@@ -116,9 +117,9 @@ def engine_pair(recipe, backend, tokenizer):
 
 
 def _greedy(backend, tokenizer, prompts, max_new_tokens=20):
-    generations = backend.generate(prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
-                                   stop_token_ids=stop_token_ids(tokenizer), greedy=True)
-    return [g.token_ids for g in generations]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
+                            stop_token_ids=stop_token_ids(tokenizer), greedy=True)
+    return [g.token_ids for g in backend.generate(prompts, params)]
 
 
 @pytest.mark.vllm
@@ -128,8 +129,8 @@ def test_each_sample_of_a_prompt_is_drawn_independently_and_seeds_repeat(backend
     prompts = [a, a, a, b, b]
 
     def sample(seed):
-        return backend.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=1.0, stop_token_ids=[],
-                                seed=seed)
+        return backend.generate(prompts, SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0,
+                                                        stop_token_ids=[], seed=seed))
 
     first = sample(seed=5)
     assert [len(g.token_ids) for g in first] == [16] * 5
@@ -144,14 +145,15 @@ def test_generation_stops_at_a_stop_id_and_at_the_context_limit(backend, model_d
     backend.update_weights(_fresh_model(model_dir))
     prompt = tokenizer.encode("What is 3 + 4?")
     stops = list(range(0, len(tokenizer), 2))  # half the vocabulary: a stop comes within a few tokens
-    for generation in backend.generate([prompt] * 4, max_new_tokens=50, temperature=1.0, top_p=1.0,
-                                       stop_token_ids=stops, seed=0):
+    for generation in backend.generate([prompt] * 4, SamplingParams(max_new_tokens=50, temperature=1.0, top_p=1.0,
+                                                                   stop_token_ids=stops, seed=0)):
         assert generation.finish_reason == "stop"
         assert generation.token_ids[-1] in stops
         assert not set(generation.token_ids[:-1]) & set(stops)
     near_limit = [prompt[0]] * (backend.max_model_len - 3)
-    cut, full = backend.generate([near_limit, [prompt[0]] * backend.max_model_len], max_new_tokens=20,
-                                 temperature=1.0, top_p=1.0, stop_token_ids=[], seed=0)
+    cut, full = backend.generate([near_limit, [prompt[0]] * backend.max_model_len],
+                                 SamplingParams(max_new_tokens=20, temperature=1.0, top_p=1.0, stop_token_ids=[],
+                                                seed=0))
     assert (len(cut.token_ids), cut.finish_reason) == (3, "length")
     assert (full.token_ids, full.finish_reason) == ([], "length")
 
@@ -271,8 +273,8 @@ def test_a_rollout_moves_on_as_soon_as_its_own_tool_returns(backend, recipe, too
     prompts = [r["messages"][:2] for r in tool_rows]
     submitted = []
     submit = backend.submit
-    monkeypatch.setattr(backend, "submit", lambda keys, prompt, **kw: (
-        submitted.extend((key, time.perf_counter()) for key in keys), submit(keys, prompt, **kw))[1])
+    monkeypatch.setattr(backend, "submit", lambda keys, prompt, params: (
+        submitted.extend((key, time.perf_counter()) for key in keys), submit(keys, prompt, params))[1])
     continuous = build_engine(recipe, backend, tokenizer, registry).run(prompts, group_size=1, greedy=True)
     assert sum(r.tool_calls > 0 for r in continuous) >= 3 and tool.slow_returned_at is not None
     later_turns_before_the_slow_call_returned = [key for key, at in submitted

@@ -14,10 +14,37 @@ Must not touch: chat templates, tools, rewards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue a prompt, the same for every prompt of one backend call.
+
+    max_new_tokens: the most tokens a continuation may have.
+    temperature, top_p: the sampling distribution (module docstring); ignored when greedy.
+    stop_token_ids: a continuation ends at the first of these (included in its tokens).
+    greedy: argmax instead of sampling (temperature <= 0 means greedy too).
+    seed: makes sampling reproducible; None draws from the backend's own state.
+    """
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop_token_ids: Sequence[int]
+    greedy: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature <= 0
 
 
 @dataclass
@@ -36,27 +63,21 @@ class Generation:
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_token_ids: list[int],
-        greedy: bool = False,
-        seed: int | None = None,
-    ) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         """One Generation per prompt, in order.
 
         A prompt may appear several times (n samples of it); each copy is sampled independently
         and a backend may share the prompt's prefill between copies. Generation stops at the
-        first stop token id (included in the output) or after max_new_tokens.
+        first stop token id (included in the output) or after params.max_new_tokens.
         """
         ...
 
     def update_weights(self, model) -> None:
         """Make later generate calls sample from `model`'s current weights."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (an engine, its memory); a no-op where nothing is held."""
         ...
 
 
@@ -66,20 +87,9 @@ class ContinuousBackend(GenerationBackend, Protocol):
     (continuous batching); the rollout engine then starts each rollout's next turn as soon as
     its tool returns. Sampling contract as in `generate`."""
 
-    def submit(
-        self,
-        keys: list[int],
-        prompt: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_token_ids: list[int],
-        greedy: bool = False,
-        seed: int | None = None,
-    ) -> None:
+    def submit(self, keys: list[int], prompt: list[int], params: SamplingParams) -> None:
         """Start len(keys) independent continuations of `prompt` (sharing its prefill); `poll`
-        returns each under its key. Continuation i is seeded with seed + i."""
+        returns each under its key. Continuation i is seeded with params.seed + i."""
         ...
 
     def poll(self) -> list[tuple[int, Generation]]:

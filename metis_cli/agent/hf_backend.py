@@ -10,44 +10,55 @@ reported log-prob is `log_softmax(logits / temperature)[token]`, before top-p, t
 trainer recomputes (agent/backend.py). Greedy (or temperature <= 0) takes the argmax and reports
 `log_softmax(logits)[token]`.
 
+An optional `TokenStream` sees every decode step's tokens as they are sampled and can end the
+call early (`metis chat` streams the answer's text and stops on Ctrl-C through it).
+
 Must not touch: chat templates and tools (agent/rollout.py owns multi-turn logic).
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from transformers import DynamicCache
 
-from metis_cli.agent.backend import Generation
+from metis_cli.agent.backend import Generation, SamplingParams
+
+
+class TokenStream(Protocol):
+    """Hooks into the decode loop (`metis chat` streams text and stops on Ctrl-C with them)."""
+
+    def on_tokens(self, prompt_indices: list[int], token_ids: list[int]) -> None:
+        """One decode step: token_ids[i] was just sampled for prompt prompt_indices[i] of the call."""
+        ...
+
+    @property
+    def interrupted(self) -> bool:
+        """True ends every continuation at the next token, as "length" (not a finished turn)."""
+        ...
 
 
 class HFBackend:
     """Samples from `model` in place; shares the object with the trainer, so weight sync is free."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, stream: TokenStream | None = None):
         self.model = model
         self.batch_size = batch_size
+        self.stream = stream
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def update_weights(self, model) -> None:
         # The trainer updates this very object; only a different object needs re-pointing.
         self.model = model
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_token_ids: list[int],
-        greedy: bool = False,
-        seed: int | None = None,
-    ) -> list[Generation]:
-        if max_new_tokens <= 0:
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        if params.max_new_tokens <= 0 or self._interrupted():
             return [Generation([], [], "length") for _ in prompts]
-        greedy = greedy or temperature <= 0
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         # Longest first, so each batch holds prompts of similar length (less padding).
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
         results: list[Generation | None] = [None] * len(prompts)
@@ -57,32 +68,23 @@ class HFBackend:
             with torch.inference_mode():
                 for start in range(0, len(order), self.batch_size):
                     batch = order[start : start + self.batch_size]
-                    generations = self._generate_batch(
-                        [prompts[i] for i in batch],
-                        max_new_tokens=max_new_tokens,
-                        temperature=1.0 if greedy else temperature,
-                        top_p=top_p,
-                        stop_token_ids=stop_token_ids,
-                        greedy=greedy,
-                        generator=generator,
-                    )
+                    generations = self._generate_batch([prompts[i] for i in batch], params, generator, batch)
                     for index, generation in zip(batch, generations):
                         results[index] = generation
         finally:
             self.model.train(was_training)
+        if self._interrupted():  # a turn cut short is not a finished one, whatever it ended with
+            return [Generation(g.token_ids, g.logprobs, "length") for g in results]  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
-    def _generate_batch(
-        self,
-        prompts: list[list[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_token_ids: list[int],
-        greedy: bool,
-        generator: torch.Generator | None,
-    ) -> list[Generation]:
+    def _interrupted(self) -> bool:
+        return self.stream is not None and self.stream.interrupted
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None,
+                        positions: list[int]) -> list[Generation]:
+        """positions: each prompt's index in the generate call (what the stream is told)."""
+        greedy, max_new_tokens = params.is_greedy, params.max_new_tokens
+        temperature = 1.0 if greedy else params.temperature
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -92,7 +94,7 @@ class HFBackend:
             attention_mask[row, width - len(prompt) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
 
         cache = DynamicCache(config=self.model.config)
         logits = self.model(
@@ -110,14 +112,16 @@ class HFBackend:
         finish: list[str] = ["length"] * len(prompts)
 
         for step in range(max_new_tokens):
-            token, logprob = _sample(logits.float(), temperature, top_p, greedy, generator)
+            token, logprob = _sample(logits.float(), temperature, params.top_p, greedy, generator)
             is_stop = torch.isin(token, stop_ids)
             for row, (t, lp, stopped) in enumerate(zip(token.tolist(), logprob.tolist(), is_stop.tolist())):
                 tokens[live_rows[row]].append(t)
                 logprobs[live_rows[row]].append(lp)
                 if stopped:
                     finish[live_rows[row]] = "stop"
-            if step == max_new_tokens - 1 or bool(is_stop.all()):
+            if self.stream is not None:
+                self.stream.on_tokens([positions[index] for index in live_rows], token.tolist())
+            if step == max_new_tokens - 1 or bool(is_stop.all()) or self._interrupted():
                 break
             if bool(is_stop.any()):
                 # Finished rows leave the batch and the KV cache: no compute is spent on them.

@@ -20,7 +20,7 @@ Log-probs. vLLM reports the sampled token's log-prob (`logprobs=0`) under its en
 The mode is fixed at engine start from `rollout.temperature` / `rollout.top_p`
 (agent/vllm_engine.py starts the engine and turns start-up failures into recipe errors).
 
-Weight sync (DESIGN.md). The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`),
+Weight sync (docs/rl-step.md). The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`),
 so `update_weights` hands the trainer's tensors straight to vLLM's `reload_weights`, which also
 repacks them for the CPU kernels (a plain `load_weights` fails there), then drops the prefix
 cache that was computed with the old weights. A LoRA model is synced as base + B @ A * scale,
@@ -31,11 +31,12 @@ Must not touch: chat templates and tools (agent/rollout.py), the trainer's model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from metis_cli.agent.backend import Generation
+from metis_cli.agent.backend import Generation, SamplingParams
 from metis_cli.agent.vllm_engine import engine_kwargs, logprobs_mode_for, model_path_field, release_engine, start_engine
+from metis_cli.model.runtime import VLLM_REQUEST_SEED, derive_seed
 
 __all__ = ["VllmBackend", "checkpoint_weights", "engine_kwargs", "logprobs_mode_for", "start_engine"]
 
@@ -74,17 +75,7 @@ class VllmBackend:
         return backend
 
     # ------------------------------------------------------------------------------ sampling
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_token_ids: list[int],
-        greedy: bool = False,
-        seed: int | None = None,
-    ) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         """A whole batch at once: `submit` each distinct prompt (its copies become one request with
         n = copies, sharing the prefill), then `poll` until every copy is back."""
         if self._in_flight or self._done_without_engine:
@@ -93,10 +84,8 @@ class VllmBackend:
         for index, prompt in enumerate(prompts):
             positions.setdefault(tuple(prompt), []).append(index)
         for request_index, (prompt, indices) in enumerate(positions.items()):
-            self.submit(indices, list(prompt), max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        stop_token_ids=stop_token_ids, greedy=greedy,
-                        # continuation i is seeded with seed + i; the stride keeps requests apart
-                        seed=None if seed is None else (seed * 1_000_003 + request_index) * 65_536)
+            seed = None if params.seed is None else derive_seed(VLLM_REQUEST_SEED, params.seed, request_index)
+            self.submit(indices, list(prompt), replace(params, seed=seed))
         results: list[Generation | None] = [None] * len(prompts)
         while self.pending:
             for index, generation in self.poll():
@@ -104,37 +93,24 @@ class VllmBackend:
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ continuous batching
-    def submit(
-        self,
-        keys: list[int],
-        prompt: list[int],
-        *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_token_ids: list[int],
-        greedy: bool = False,
-        seed: int | None = None,
-    ) -> None:
+    def submit(self, keys: list[int], prompt: list[int], params: SamplingParams) -> None:
         """Start len(keys) independent continuations of `prompt` now, alongside whatever the engine
         is generating; `poll` hands each back under its key as soon as it is done. One request with
         n = len(keys), so the prompt's prefill is shared; continuation i is seeded with seed + i.
         A prompt with no room left under max_model_len (vLLM would refuse it) comes back empty."""
         from vllm.inputs import TokensPrompt
 
-        greedy = greedy or temperature <= 0
-        room = min(max_new_tokens, self.max_model_len - len(prompt))
+        room = min(params.max_new_tokens, self.max_model_len - len(prompt))
         if room <= 0:
             self._done_without_engine += [(key, Generation([], [], "length")) for key in keys]
             return
         # Greedy copies are identical: one continuation serves every key (vLLM wants n=1 there).
         request_id = str(self._next_request)
         self._next_request += 1
-        streams = 1 if greedy else len(keys)
+        streams = 1 if params.is_greedy else len(keys)
         self._in_flight[request_id] = _Request(list(keys), [[] for _ in range(streams)], [[] for _ in range(streams)])
-        params = _sampling_params(n=streams, max_tokens=room, temperature=temperature, top_p=top_p,
-                                  stop_token_ids=stop_token_ids, greedy=greedy, seed=seed)
-        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)),
+                                        _vllm_sampling_params(params, n=streams, max_tokens=room))
 
     def poll(self) -> list[tuple[int, Generation]]:
         """One engine step over every submitted continuation; returns (key, Generation) of those
@@ -198,23 +174,23 @@ class _Request:
     logprobs: list[list[float]]
 
 
-def _sampling_params(*, n: int, max_tokens: int, temperature: float, top_p: float, stop_token_ids: list[int],
-                     greedy: bool, seed: int | None):
-    """SamplingParams for the protocol's contract: stop only at the caller's ids, report the
-    sampled token's log-prob, no text."""
-    from vllm import SamplingParams
+def _vllm_sampling_params(params: SamplingParams, *, n: int, max_tokens: int):
+    """vLLM's SamplingParams for the protocol's contract: stop only at the caller's ids, report
+    the sampled token's log-prob, no text."""
+    from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    return SamplingParams(
+    greedy = params.is_greedy
+    return VllmSamplingParams(
         n=n,
-        temperature=0.0 if greedy else temperature,
-        top_p=1.0 if greedy else top_p,
+        temperature=0.0 if greedy else params.temperature,
+        top_p=1.0 if greedy else params.top_p,
         max_tokens=max_tokens,
-        stop_token_ids=list(stop_token_ids),
+        stop_token_ids=list(params.stop_token_ids),
         ignore_eos=True,
         logprobs=0,
         detokenize=False,
-        seed=None if seed is None else seed % (1 << 62),
+        seed=None if params.seed is None else params.seed % (1 << 62),
         # One stream: only its final output (no partial output built every step). Several: only
         # new tokens each step, so a finished stream is seen while its siblings run on.
         output_kind=RequestOutputKind.FINAL_ONLY if n == 1 else RequestOutputKind.DELTA,

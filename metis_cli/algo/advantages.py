@@ -5,7 +5,7 @@ Every function takes per-rollout tensors of shape [N] (one entry per sampled rol
 interleaved) and returns advantages of shape [N]. Nothing here knows about models, tokens or
 rollouts; the losses that consume these live in `algo/losses.py`.
 
-HDPO (DESIGN.md "HDPO, exactly"), for one group of rollouts of the same prompt:
+HDPO (docs/algorithm.md), for one group of rollouts of the same prompt:
 
     A_acc_i  = (r_acc_i - mean(r_acc)) / (std(r_acc) + eps)         over the whole group
     Q        = { i : r_tool_i > 0 }                                   (the correct rollouts)

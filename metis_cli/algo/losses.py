@@ -8,7 +8,7 @@ Shapes used throughout:
     advantages: [N] one value per rollout, broadcast to all of its tokens
 
 The loss is a token mean over the batch (every trained token weighs the same), which is what
-DESIGN.md asks for: L_acc averages over all response tokens, L_tool only over tokens of rollouts
+docs/algorithm.md gives: L_acc averages over all response tokens, L_tool only over tokens of rollouts
 whose A_tool != 0. This module computes numbers only; it never touches models or optimizers.
 """
 

@@ -23,22 +23,13 @@ class PassRateSampler:
     """k rollouts per example with one model, scored against the gold answers."""
 
     def __init__(self, recipe, model_path: str, *, field: str, use_tools: bool):
-        from metis_cli.agent.factory import build_backend, build_engine, build_registry
+        from metis_cli.agent.factory import build_agent, build_registry
+        from metis_cli.model.runtime import setup_threads
         from metis_cli.rewards.batch import build_checker
-        from metis_cli.model.loading import ensure_base_model, load_model, load_tokenizer
-        from metis_cli.model.runtime import pick_device, pick_dtype, setup_threads
 
         setup_threads(recipe.run.threads)
-        device = pick_device(recipe.run.device)
-        if model_path == recipe.model.name_or_path:
-            ensure_base_model(recipe)
-        trust = recipe.model.trust_remote_code
-        tokenizer = load_tokenizer(model_path, field=field, trust_remote_code=trust)
-        model = load_model(model_path, dtype=pick_dtype(recipe.model.dtype, device), device=device,
-                           field=field, trust_remote_code=trust).eval()
-        backend = build_backend(recipe, model, tokenizer, model_path=model_path)
-        registry = build_registry(recipe) if use_tools else None
-        self.engine = build_engine(recipe, backend, tokenizer, registry)
+        agent = build_agent(recipe, model_path, registry=build_registry(recipe) if use_tools else None, field=field)
+        self.engine = agent.engine
         self.checker = build_checker(recipe.reward)
         self.reward_cfg = recipe.reward
         self.use_tools = use_tools
@@ -48,11 +39,11 @@ class PassRateSampler:
         """(correct, scored) out of k rollouts for each row's prompt."""
         import torch
 
+        from metis_cli.model.runtime import CURATE_BATCH_SEED, derive_seed
         from metis_cli.rewards.batch import score_rollouts
 
         examples = [row.example for row in rows]
-        first = rows[0]
-        seed = self.base_seed * 1_000_003 + first.source * 10_000_019 + first.ordinal
+        seed = derive_seed(CURATE_BATCH_SEED, self.base_seed, rows[0].source, rows[0].ordinal)
         with torch.inference_mode():
             rollouts = self.engine.run([e.messages for e in examples], k, use_tools=self.use_tools, seed=seed)
         scores = score_rollouts(rollouts, examples, self.checker, self.reward_cfg, retries=1)

@@ -1,23 +1,20 @@
-"""Load prompt sets and trajectories from files or `datasets` sources into `Example`s.
+"""Load prompt sets and trajectories from a recipe `DataSource` into `Example`s.
 
-Sources (the recipe's `DataSource`: path, split, layout, subset_field, limit):
-  - a `.jsonl` file (streamed line by line), a `.json` file (a JSON array of rows, or JSON lines),
-    a `.parquet` file (streamed in batches);
-  - a folder written by `datasets` `save_to_disk` (a Dataset, or a DatasetDict + `split`);
-  - `hf:NAME` or `hf:NAME:CONFIG`, loaded with `datasets.load_dataset` (offline here, so it must
-    already be in the local Hugging Face cache).
-Row layouts (`layout: auto` picks per row):
+The source (path, split, layout, subset_field, limit; validated by recipe/schema.py
+`DataSource`) is read row by row by data/readers.py: `.jsonl`, `.json`, `.parquet`, a `datasets`
+save_to_disk folder, or `hf:NAME[:CONFIG]`. Row layouts (`layout: auto` picks per row):
   - messages: OpenAI chat `messages` (system/user/assistant/tool, string content) + `answer`,
     optional `id`, `images` and a subset column (`subset_field`, default "subset");
   - verl: the parquet layout of verl and the official Metis-RL / Metis-ColdStart data: `prompt`
     (list of messages), `images`, `data_source` (used as subset), `reward_model.ground_truth`
-    (the answer), `extra_info` (kept in meta; `extra_info.index` becomes the id).
+    (the answer: a string, or a list of acceptable answers), `extra_info` (kept in meta;
+    `extra_info.index` becomes the id).
 Assistant messages in OpenAI's native `tool_calls` form are rewritten into the text form our chat
-templates use, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+templates use, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. docs/formats.md shows
+both layouts.
 
 Every malformed row raises DataError naming the file, the line (JSONL, 1-based) or row (tables,
 0-based) and what is wrong; with malformed_rows="skip" it is dropped and reported instead.
-`datasets` and `pyarrow` are imported only inside functions so that the CLI starts without them.
 Chat templating and tokenisation live elsewhere (data/chat.py).
 """
 
@@ -30,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metis_cli.data.readers import iter_rows
 from metis_cli.errors import DataError
+from metis_cli.recipe.schema import DataSource
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("auto", "messages", "verl")
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_SUBSET = "default"
 
@@ -46,12 +44,13 @@ class Example:
     messages: the prompt, every message up to and including the last user turn.
     trajectory: the whole conversation when assistant turns follow the last user turn (SFT
         data); None for prompt-only rows (RL / eval data).
-    answer: the gold answer as text, None when the row has none.
+    answer: the gold answer as text, or a list of acceptable answers (the best match scores,
+        rewards/checkers.py); None when the row has none.
     """
 
     id: str
     messages: list[dict]
-    answer: str | None
+    answer: str | list[str] | None
     subset: str = DEFAULT_SUBSET
     images: list = field(default_factory=list)
     trajectory: list[dict] | None = None
@@ -63,42 +62,25 @@ class Example:
         return self.messages[-1]["content"]
 
 
-@dataclass
-class SourceSpec:
-    """Where examples come from; mirrors the recipe's DataSource. `split` only applies to
-    `datasets` sources (saved DatasetDicts, hf:); plain files have no splits."""
+def _as_source(source: Any, overrides: dict[str, Any]) -> DataSource:
+    """The recipe DataSource for a path, a mapping or a DataSource, with keyword overrides
+    (None ones ignored); the recipe schema checks every field."""
+    from pydantic import ValidationError
 
-    path: str
-    split: str | None = None
-    layout: str = "auto"
-    subset_field: str = "subset"
-    limit: int | None = None
-
-
-def as_source(source: Any = None, **overrides: Any) -> SourceSpec:
-    """A SourceSpec from a path, a recipe DataSource-like object, a dict, and/or keyword args."""
-    values: dict[str, Any] = {}
-    if isinstance(source, (str, Path)):
-        values["path"] = str(source)
-    elif isinstance(source, dict):
-        values.update(source)
-    elif source is not None:
-        for name in SourceSpec.__dataclass_fields__:
-            if hasattr(source, name):
-                values[name] = getattr(source, name)
-    values.update(overrides)
-    values = {key: value for key, value in values.items() if value is not None}
-    if "path" not in values:
+    if isinstance(source, DataSource):
+        values = source.model_dump()
+    elif isinstance(source, (str, Path)):
+        values = {"path": str(source)}
+    else:
+        values = dict(source or {})
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    if values.get("path") is None:
         raise DataError("data source has no `path`; name a file, a saved dataset folder or hf:NAME")
-    spec = SourceSpec(**{k: v for k, v in values.items() if k in SourceSpec.__dataclass_fields__})
-    spec.path = str(spec.path)
-    if spec.layout not in LAYOUTS:
-        raise DataError(
-            f"{spec.path}: unknown layout {spec.layout!r}; use one of {', '.join(LAYOUTS)}"
-        )
-    if spec.limit is not None and spec.limit < 1:
-        raise DataError(f"{spec.path}: limit must be at least 1 (or unset), got {spec.limit}")
-    return spec
+    try:
+        return DataSource.model_validate(values)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise DataError(f"{values['path']}: {problems}") from None
 
 
 def load_examples(
@@ -131,10 +113,10 @@ def iter_examples(
     """
     if malformed_rows not in ("error", "skip"):
         raise ValueError(f"malformed_rows must be 'error' or 'skip', got {malformed_rows!r}")
-    spec = as_source(source, **overrides)
+    spec = _as_source(source, overrides)
     count = 0
     stem = Path(spec.path.removeprefix("hf:").split(":")[0]).stem
-    for where, position, row in _iter_rows(spec):
+    for where, position, row in iter_rows(spec):
         try:
             if isinstance(row, DataError):
                 raise row
@@ -154,143 +136,11 @@ def iter_examples(
         raise DataError(f"{spec.path}: no usable examples found")
 
 
-# ---- reading raw rows: yields (where, position, row), `where` like "data.jsonl line 7";
-# a row that cannot even be parsed is yielded as a DataError ----
-
-RawRows = Iterator[tuple[str, int, Any]]
-
-
-def _iter_rows(spec: SourceSpec) -> RawRows:
-    if spec.path.startswith("hf:"):
-        yield from _iter_dataset(_load_hub(spec), spec.path)
-        return
-    path = Path(spec.path).expanduser()
-    if not path.exists():
-        raise DataError(f"{path}: data file or folder not found; check the data path in the recipe")
-    if path.is_dir():
-        yield from _iter_dataset(_load_saved(path, spec.split), str(path))
-    elif path.suffix == ".jsonl":
-        yield from _iter_jsonl(path)
-    elif path.suffix == ".json":
-        yield from _iter_json(path)
-    elif path.suffix == ".parquet":
-        yield from _iter_parquet(path)
-    else:
-        raise DataError(
-            f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .json, .parquet, "
-            "a `datasets` save_to_disk folder, or hf:NAME"
-        )
-
-
-def _iter_jsonl(path: Path) -> RawRows:
-    # Binary lines decoded one by one, so a bad byte is reported on its own line number.
-    with path.open("rb") as lines:
-        for line_number, raw_line in enumerate(lines, start=1):
-            if not raw_line.strip():
-                continue
-            where = f"{path} line {line_number}"
-            try:
-                row = json.loads(raw_line.decode("utf-8").lstrip("\ufeff"))
-            except UnicodeDecodeError:
-                row = DataError(f"{where}: not UTF-8 text; save the file as UTF-8 JSON lines")
-            except json.JSONDecodeError as error:
-                # Yielded, not raised, so that malformed_rows="skip" can move on to the next line.
-                row = DataError(
-                    f"{where}: not valid JSON ({error.msg} at column {error.colno}); "
-                    "each line must be one JSON object"
-                )
-            yield where, line_number, row
-
-
-def _iter_json(path: Path) -> RawRows:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text; save the file as UTF-8 JSON") from None
-    if not text.lstrip().startswith("["):
-        yield from _iter_jsonl(path)  # many ".json" files are really JSON lines
-        return
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{path} line {error.lineno}: not valid JSON ({error.msg}); "
-            "a .json file must hold one JSON array of row objects, or one object per line"
-        ) from None
-    for index, row in enumerate(rows):
-        yield f"{path} item {index} (0-based)", index, row
-
-
-def _iter_parquet(path: Path) -> RawRows:
-    import pyarrow.parquet as pq
-
-    try:
-        table_file = pq.ParquetFile(path)
-    except Exception as error:  # noqa: BLE001 - pyarrow raises several types for bad files
-        raise DataError(f"{path}: not a readable parquet file ({error})") from None
-    index = 0
-    for batch in table_file.iter_batches(batch_size=256):
-        for row in batch.to_pylist():
-            yield f"{path} row {index} (0-based)", index, row
-            index += 1
-
-
-def _load_saved(path: Path, split: str | None) -> Any:
-    import datasets
-
-    if not any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
-        raise DataError(
-            f"{path}: folder is not a `datasets` save_to_disk folder (no dataset_info.json or "
-            "dataset_dict.json); point data paths at a file or a saved dataset"
-        )
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as error:  # noqa: BLE001
-        raise DataError(f"{path}: could not load saved dataset ({error})") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        return _pick_split(loaded, split, str(path))
-    return loaded
-
-
-def _load_hub(spec: SourceSpec) -> Any:
-    import datasets
-
-    name, _, config = spec.path.removeprefix("hf:").partition(":")
-    try:
-        loaded = datasets.load_dataset(name, config or None, split=spec.split)
-    except Exception as error:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
-        raise DataError(
-            f"{spec.path}: datasets.load_dataset({name!r}) failed: {error}. Without network access "
-            "the dataset must already be in the local Hugging Face cache; or save it to a file"
-        ) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        return _pick_split(loaded, spec.split, spec.path)
-    return loaded
-
-
-def _pick_split(splits: Any, split: str | None, label: str) -> Any:
-    names = list(splits.keys())
-    if split is None:
-        if "train" in names:
-            return splits["train"]
-        if len(names) == 1:
-            return splits[names[0]]
-        raise DataError(f"{label}: has splits {names}; choose one with `split`")
-    if split not in names:
-        raise DataError(f"{label}: no split {split!r}; available splits: {names}")
-    return splits[split]
-
-
-def _iter_dataset(dataset: Any, label: str) -> RawRows:
-    for index, row in enumerate(dataset):
-        yield f"{label} row {index} (0-based)", index, row
-
-
 # ---- turning one row into an Example ----
 
 
 def _row_to_example(
-    row: Any, where: str, spec: SourceSpec, need_answer: bool, fallback_id: str
+    row: Any, where: str, spec: DataSource, need_answer: bool, fallback_id: str
 ) -> Example:
     """fallback_id: the id used when the row has none ("<file stem>-<line or row>")."""
     if not isinstance(row, dict):
@@ -399,16 +249,29 @@ def _split_prompt(
     return conversation[: last_user + 1], (conversation if has_reply else None)
 
 
-def _answer_text(value: Any, where: str, field_name: str, need_answer: bool) -> str | None:
+def _answer_text(value: Any, where: str, field_name: str, need_answer: bool) -> str | list[str] | None:
+    """The gold answer as text, or a list of acceptable answers (blank items dropped)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         if need_answer:
             raise DataError(
                 f"{where}: missing `{field_name}`; RL and eval rows need the gold answer"
             )
         return None
+    if hasattr(value, "tolist"):  # numpy arrays from pandas-built parquet
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        answers = [_one_answer(item, where, f"{field_name}[{index}]") for index, item in enumerate(value)]
+        answers = [answer for answer in answers if answer]
+        if answers:
+            return answers
+        return _answer_text(None, where, field_name, need_answer)
+    return _one_answer(value, where, field_name)
+
+
+def _one_answer(value: Any, where: str, field_name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise DataError(
-            f"{where}: `{field_name}` must be a string or a number, got {type(value).__name__}"
+            f"{where}: `{field_name}` must be a string, a number or a list of them, got {type(value).__name__}"
         )
     return str(value).strip()
 

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from metis_cli.data.datasets import Example, load_examples
 from metis_cli.errors import DataError
+from metis_cli.recipe.schema import SYNTHETIC_PREFIX, SYNTHETIC_SETS
 
-SYNTHETIC_PREFIX = "synthetic:"
+__all__ = ["SYNTHETIC_PREFIX", "load_source", "load_sources", "materialize_synthetic", "synthetic_rows"]
 
 
 def synthetic_rows(name: str, synthetic_cfg) -> list[dict]:
-    """Rows of one synthetic set, generated deterministically from the recipe's `data.synthetic`."""
+    """Rows of one synthetic set (recipe/schema.py `SYNTHETIC_SETS`), generated deterministically
+    from the recipe's `data.synthetic`; each set's generator is seeded with its own offset."""
     from metis_cli.data import synthetic
 
     cfg = synthetic_cfg
@@ -28,7 +30,7 @@ def synthetic_rows(name: str, synthetic_cfg) -> list[dict]:
         return synthetic.rl_prompts(cfg.rl_prompts, cfg.seed + 2, cfg.hard_share)
     if name == "eval":
         return synthetic.eval_prompts(cfg.eval_per_subset, cfg.seed + 3)
-    raise DataError(f"unknown synthetic set '{name}' (known: knowledge, cold_start, rl, eval)")
+    raise DataError(f"unknown synthetic set '{name}' (known: {', '.join(SYNTHETIC_SETS)})")
 
 
 def materialize_synthetic(name: str, recipe) -> Path:

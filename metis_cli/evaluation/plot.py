@@ -5,7 +5,8 @@ to the left. Given a training run's metrics.jsonl (hdpo stage), three more panel
 accuracy and tool use, the reward channels and the held-out `eval/<subset>/*` figures over steps.
 
 Uses matplotlib's object API on an Agg canvas (no pyplot, no global backend switch), so it works
-headless and inside other programs. metrics.jsonl is read with the dashboard's torch-free readers.
+headless and inside other programs. metrics.jsonl is read with `telemetry.history` (the reader the
+dashboard uses too), its field names taken from `telemetry.metrics`.
 """
 
 from __future__ import annotations
@@ -13,25 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from metis_cli.evaluation.report import ALL_SUBSETS
+from metis_cli.telemetry import metrics as m
+from metis_cli.telemetry.history import load_history
 
 SUBSET_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 TRAINING_PANELS = [
-    ("training: accuracy and tool use", [("accuracy", "accuracy"), ("tool_call_ratio", "tool-call ratio"),
-                                         ("format_ok", "format ok")]),
-    ("training: reward channels", [("r_acc_mean", "r_acc"), ("r_tool_mean", "r_tool"),
-                                   ("efficiency_group_share", "groups with |Q|>=2")]),
+    ("training: accuracy and tool use", [(m.ACCURACY, "accuracy"), (m.TOOL_CALL_RATIO, "tool-call ratio"),
+                                         (m.FORMAT_OK, "format ok")]),
+    ("training: reward channels", [(m.R_ACC_MEAN, "r_acc"), (m.R_TOOL_MEAN, "r_tool"),
+                                   (m.EFFICIENCY_GROUP_SHARE, "groups with |Q|>=2")]),
 ]
-
-
-def read_metrics(metrics_path: Path):
-    """A MetricsHistory (records merged per step) of one metrics.jsonl; corrupt lines are skipped."""
-    from metis_cli.tui.history import MetricsHistory
-    from metis_cli.tui.metrics_tail import parse_json_lines
-
-    history = MetricsHistory()
-    records, _corrupt = parse_json_lines(Path(metrics_path).read_bytes().split(b"\n"))
-    history.add(records)
-    return history
+EVAL_CURVES = [(m.ACCURACY, "accuracy"), (m.TOOL_CALL_RATIO, "tool-call ratio")]
 
 
 def write_plot(report: dict, path: Path, metrics_path: Path | None = None) -> Path:
@@ -39,7 +32,7 @@ def write_plot(report: dict, path: Path, metrics_path: Path | None = None) -> Pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    history = read_metrics(metrics_path) if metrics_path is not None else None
+    history = load_history(metrics_path) if metrics_path is not None else None
     panels = 1 if history is None else 4
     figure = Figure(figsize=(6.5 * min(panels, 2), 5 * (1 if panels == 1 else 2)), layout="constrained")
     FigureCanvasAgg(figure)
@@ -49,8 +42,7 @@ def write_plot(report: dict, path: Path, metrics_path: Path | None = None) -> Pa
         for ax, (title, keys) in zip(axes[1:3], TRAINING_PANELS):
             _curves(ax, history, title, keys)
         subsets = history.eval_subsets()
-        eval_keys = [(f"eval/{s}/{name}", f"{s} {label}") for s in subsets
-                     for name, label in (("accuracy", "accuracy"), ("tool_call_ratio", "tool-call ratio"))]
+        eval_keys = [(m.eval_key(s, name), f"{s} {label}") for s in subsets for name, label in EVAL_CURVES]
         _curves(axes[3], history, "training: held-out eval (greedy)", eval_keys, dashed_suffix="tool-call ratio")
         figure.suptitle(f"training run: {metrics_path}", fontsize=9)
     path = Path(path)

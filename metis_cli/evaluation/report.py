@@ -6,7 +6,7 @@ function of those, so tests check them on hand-made answers.
 
 Figures of a group of answers (one subset, or "all"):
   accuracy                share of scored answers that are correct (unscored ones are counted
-                          separately, never as wrong: DESIGN.md)
+                          separately, never as wrong: docs/algorithm.md)
   pass@k                  (sampling, k = samples per question) unbiased estimator
                           1 - C(n-c, k) / C(n, k) per question, averaged over questions
   tool_call_ratio         share of answers with >= 1 tool call

@@ -1,6 +1,7 @@
-"""Process-level training setup: threads, device, dtype, seeds.
+"""Process-level training setup: threads, device, dtype, seeds (`seed_everything`, and
+`derive_seed` with its table of every seed derived from `run.seed`).
 
-On a 2-core CPU two torch jobs with 2 threads each run 4x slower than one (DESIGN.md), so torch
+On a 2-core CPU two torch jobs with 2 threads each run 4x slower than one (docs/rl-step.md), so torch
 and OpenMP threads are set to the cores this process may really use unless the recipe says.
 """
 
@@ -46,6 +47,39 @@ def pick_dtype(setting: str, device: str):
     if setting == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+
+
+# Every seed metis derives from `run.seed` (or from a seed derived from it), in one table: the
+# weights of `derive_seed`, one per value the seed depends on. Far-apart weights keep the streams
+# of different steps, epochs or requests from sharing seeds. Changing a weight changes what a run
+# samples (tests/test_golden.py pins it).
+SFT_PHASE_ORDER_SEED = (1000, 1)
+"""(run.seed, phase index): the order sft draws a phase's micro-batches in."""
+HDPO_EPOCH_ORDER_SEED = (7919, 1)
+"""(run.seed, epoch): the permutation of RL prompts hdpo walks through in that epoch."""
+HDPO_STEP_SEED = (100_003, 1)
+"""(run.seed, step): the seed of one hdpo step's rollouts."""
+CURATE_BATCH_SEED = (1_000_003, 10_000_019, 1)
+"""(run.seed, source index, ordinal of the batch's first row): a curate sampling batch's rollouts."""
+CHAT_QUESTION_SEED = (1, 1)
+"""(run.seed, question number from 1): one `metis chat` answer."""
+ROLLOUT_TURN_SEED = (1, 1)
+"""(run seed, turn from 1): one backend call of the rollout engine's turn-synchronous waves."""
+ROLLOUT_REQUEST_SEED = (1_000_003 * 65_537, 65_537)
+"""(run seed, key of the request's first rollout): one continuous-batching request; its i-th
+continuation gets this + i, which stays clear of the next key's range."""
+VLLM_REQUEST_SEED = (1_000_003 * 65_536, 65_536)
+"""(generate's seed, index of the distinct prompt): one request of a vLLM `generate` call; its
+i-th continuation gets this + i."""
+
+
+def derive_seed(weights: tuple[int, ...], seed: int, *parts: int) -> int:
+    """The seed of one use of randomness: sum of (seed, *parts) times `weights` (one of the
+    `*_SEED` tables above), e.g. `derive_seed(HDPO_STEP_SEED, run_seed, step)`."""
+    values = (seed, *parts)
+    if len(values) != len(weights):
+        raise ValueError(f"derive_seed: {len(weights)} weights for {len(values)} values")
+    return sum(value * weight for value, weight in zip(values, weights))
 
 
 def seed_everything(seed: int) -> None:

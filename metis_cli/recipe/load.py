@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from metis_cli.errors import RecipeError
-from metis_cli.recipe.schema import Recipe
+from metis_cli.recipe.schema import SYNTHETIC_PREFIX, SYNTHETIC_SETS, Recipe
 
 _INTERPOLATION = re.compile(r"\$\{([^}]*)\}")
 BUILTIN_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -258,7 +258,10 @@ def _check_semantics(recipe: Recipe) -> list[tuple[FieldPath, str]]:
     problems: list[tuple[FieldPath, str]] = []
     if recipe.reward.checker == "judge" and recipe.reward.judge is None:
         problems.append((("reward", "judge"), "checker 'judge' needs a reward.judge section (base_url, model)"))
-    if "search" in recipe.tools.enabled:
+    if "search" in recipe.tools.enabled and recipe.tools.search.backend == "http":
+        if not recipe.tools.search.http.url:
+            problems.append((("tools", "search", "http", "url"), "search backend 'http' needs the search API's url"))
+    elif "search" in recipe.tools.enabled:
         corpus = recipe.tools.search.corpus
         if not corpus:
             problems.append((("tools", "search", "corpus"), "the search tool needs a corpus JSONL file"))
@@ -269,12 +272,11 @@ def _check_semantics(recipe: Recipe) -> list[tuple[FieldPath, str]]:
     sources += [(("curate", "input", i), s) for i, s in enumerate(recipe.curate.input)]
     for p, phase in enumerate(recipe.sft.phases):
         sources += [(("sft", "phases", p, "data", i), s) for i, s in enumerate(phase.data)]
-    synthetic = {"knowledge", "cold_start", "rl", "eval"}
     for path, source in sources:
-        if source.path.startswith("synthetic:"):
-            name = source.path.split(":", 1)[1]
-            if name not in synthetic:
-                problems.append(((*path, "path"), f"unknown synthetic set '{name}' (known: {', '.join(sorted(synthetic))})"))
+        if source.path.startswith(SYNTHETIC_PREFIX):
+            name = source.path.removeprefix(SYNTHETIC_PREFIX)
+            if name not in SYNTHETIC_SETS:
+                problems.append(((*path, "path"), f"unknown synthetic set '{name}' (known: {', '.join(sorted(SYNTHETIC_SETS))})"))
         elif not source.path.startswith("hf:") and not Path(source.path).exists():
             problems.append(((*path, "path"), f"file not found: {source.path}"))
     if recipe.rollout.max_new_tokens > recipe.rollout.max_total_tokens:

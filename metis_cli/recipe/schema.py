@@ -7,7 +7,7 @@ in `metis_cli.recipe.load`. No heavy imports here: `metis validate` must start i
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,12 +19,33 @@ class Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- run
+class DistributedConfig(Section):
+    """How a run on several processes (`--nproc-per-node`, torchrun) splits the model; the launch
+    itself (processes, nodes, rendezvous) is given on the command line, never in the recipe."""
+
+    strategy: Literal["fsdp", "hsdp"] = Field(
+        "fsdp", description="fsdp: shard fp32 master weights, gradients and Adam states over every process "
+        "(FSDP2); hsdp: shard within a node, replicate across nodes (less traffic between nodes)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward instead of keeping them "
+        "(about a third more compute, most activation memory saved); also applies to one process."
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="A collective that waits longer than this (a rank died or hangs) stops the job "
+        "with an error; slow phases (loading, rollouts, saving) get a longer allowance."
+    )
+
+
 class RunConfig(Section):
     name: str = Field("metis-run", description="Run name; the run folder defaults to runs/<name>.")
     output_dir: str = Field("runs/${run.name}", description="Run folder: resolved recipe, metrics, checkpoints, reports.")
     seed: int = Field(0, description="Seed for data sampling, model init and generation.")
     threads: int = Field(0, ge=0, description="Torch/OpenMP threads; 0 = the CPU cores this process may really use.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is present.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Sharding and checkpointing when several processes train."
+    )
 
 
 # --------------------------------------------------------------------------------------- model
@@ -56,15 +77,38 @@ class ModelConfig(Section):
         "auto", description="auto = bfloat16 on GPU, float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Passed to transformers from_pretrained.")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra variables for the model's chat template, the same in sft, rollouts, "
+        "eval and chat, e.g. {enable_thinking: false} for Qwen3."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (sft and hdpo).")
+
+    @model_validator(mode="after")
+    def _template_kwargs_are_variables(self) -> ModelConfig:
+        taken = sorted(set(self.chat_template_kwargs) & _RENDER_ARGUMENTS)
+        if taken:
+            raise ValueError(f"chat_template_kwargs: {', '.join(taken)} is set by metis itself; "
+                             "give only the template's own variables (e.g. enable_thinking)")
+        return self
+
+
+_RENDER_ARGUMENTS = {"messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                     "continue_final_message", "tokenize", "return_dict", "return_assistant_tokens_mask"}
+"""Arguments metis passes to apply_chat_template itself, so not template variables."""
 
 
 # ---------------------------------------------------------------------------------------- data
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_SETS = ("knowledge", "cold_start", "rl", "eval")
+"""The built-in arithmetic task's sets, named `synthetic:<set>` in a DataSource path
+(data/sources.py generates them; `metis validate` refuses other names)."""
+
+
 class DataSource(Section):
     path: str = Field(
         ...,
         description="A .jsonl/.parquet file, a datasets save_to_disk folder, 'hf:NAME' for a datasets "
-        "source, or 'synthetic:<knowledge|cold_start|rl|eval>' for the built-in arithmetic task.",
+        f"source, or '{SYNTHETIC_PREFIX}<{'|'.join(SYNTHETIC_SETS)}>' for the built-in arithmetic task.",
     )
     split: str | None = Field(None, description="Split for datasets sources.")
     layout: Literal["auto", "messages", "verl"] = Field("auto", description="Row layout.")
@@ -109,11 +153,38 @@ class PythonToolConfig(Section):
     sandbox: Literal["auto", "bwrap", "unshare", "none"] = Field(
         "auto", description="auto = strongest available (bwrap > unshare > in-process socket denial)."
     )
+    persistent: bool = Field(
+        False, description="One long-lived sandboxed interpreter per rollout, like a notebook kernel: variables "
+        "survive between calls; ended with the rollout. Limits stay per call (wall clock, CPU, output) or per "
+        "session (memory, processes); a call that hits the wall clock or output cap restarts the session."
+    )
+    packages: list[str] = Field(
+        default_factory=list, description="Import names made importable read-only from metis's environment "
+        "(e.g. [numpy, PIL]); every other installed package stays invisible. Empty = standard library only."
+    )
+
+
+class SearchHttpConfig(Section):
+    """A Serper-style web search API: POST {"q": query} -> {"organic": [{title, link, snippet}, ...]}."""
+
+    url: str | None = Field(None, description="Search API endpoint, e.g. https://google.serper.dev/search.")
+    api_key_env: str = Field("SERPER_API_KEY", description="Environment variable holding the API key.")
+    api_key_header: str = Field("X-API-KEY", description="Request header that carries the API key.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout (keep attempts x timeout under tools.timeout_s).")
+    retries: int = Field(2, ge=0, description="Retries after a timeout, connection error, 429 or 5xx; then a tool error.")
+    backoff_s: float = Field(1.0, ge=0, description="First backoff delay; doubles each retry.")
+    cache_dir: str | None = Field(
+        "${run.output_dir}/search_cache", description="Folder caching results per query on disk; null = no cache."
+    )
 
 
 class SearchToolConfig(Section):
-    corpus: str | None = Field(None, description="JSONL corpus with {id, text[, title]} per line.")
-    top_k: int = Field(3, gt=0, description="Documents returned per query.")
+    backend: Literal["bm25", "http"] = Field(
+        "bm25", description="bm25: keyword search over the local `corpus` (offline); http: a web search API (`http`)."
+    )
+    corpus: str | None = Field(None, description="JSONL corpus with {id, text[, title]} per line (bm25).")
+    top_k: int = Field(3, gt=0, description="Documents returned per query (official Metis: 10 web results).")
+    http: SearchHttpConfig = Field(default_factory=SearchHttpConfig, description="Web search API settings (backend http).")
 
 
 class ToolCost(Section):
@@ -129,7 +200,7 @@ class ToolsConfig(Section):
     max_calls_per_rollout: int = Field(4, ge=0, description="Calls beyond this get an error observation.")
     max_concurrency: int = Field(8, gt=0, description="Tool calls in flight at once across rollouts.")
     python: PythonToolConfig = Field(default_factory=PythonToolConfig, description="Python sandbox limits.")
-    search: SearchToolConfig = Field(default_factory=SearchToolConfig, description="BM25 search settings.")
+    search: SearchToolConfig = Field(default_factory=SearchToolConfig, description="Search backend and settings.")
     costs: dict[str, ToolCost] = Field(default_factory=dict, description="Per-tool price/latency for eval.")
 
 
@@ -180,13 +251,79 @@ class JudgeConfig(Section):
     timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
 
 
+_JUDGE_PLACEHOLDERS = ("question", "ground_truth", "prediction")
+
+
+class RewardJudgeConfig(JudgeConfig):
+    """The answer judge: the endpoint settings of JudgeConfig plus its contract (what it is asked
+    and must reply). Fields left null take the named contract's value."""
+
+    contract: Literal["metis", "official"] = Field(
+        "metis", description="metis: last user turn as the question, yes/no reply, 3 retries; official (the "
+        "official Metis code): whole prompt as the question, reply CORRECT/INCORRECT, temperature 0, 30 s "
+        "timeout, 2 attempts."
+    )
+    prompt: str | None = Field(
+        None, description="The judge's user message with placeholders {question}, {ground_truth}, {prediction} "
+        "(write {{ and }} for literal braces); null = the contract's."
+    )
+    system_prompt: str | None = Field(None, description="System message before the prompt; '' sends none; null = the contract's.")
+    reply_correct: str | None = Field(None, description="The reply meaning correct (read from the reply's start, any case); null = the contract's.")
+    reply_incorrect: str | None = Field(None, description="The reply meaning incorrect; null = the contract's.")
+    question: Literal["last_user", "whole_prompt"] | None = Field(
+        None, description="What {question} is: the last user turn, or every prompt message (system prompt "
+        "included); null = the contract's."
+    )
+    temperature: float | None = Field(None, ge=0, description="Judge sampling temperature; null = the contract's (0).")
+    max_retries: int | None = Field(
+        None, ge=0, description="Retries with exponential backoff before 'unscored'; null = the contract's (metis 3, official 1)."
+    )
+    timeout_s: float | None = Field(None, gt=0, description="Per-request timeout; null = the contract's (30 s).")
+    on_failure: Literal["unscored", "incorrect"] = Field(
+        "unscored", description="A rollout the judge cannot score (calls keep failing, or the reply is neither "
+        "verdict): unscored = excluded from its group and counted; incorrect = scored as a wrong answer, which is "
+        "what the official code does and we think is wrong (network luck becomes negative reward)."
+    )
+
+    @model_validator(mode="after")
+    def _prompt_placeholders(self) -> RewardJudgeConfig:
+        if self.prompt is not None:
+            try:
+                self.prompt.format(**{name: "" for name in _JUDGE_PLACEHOLDERS})
+            except (KeyError, IndexError, ValueError) as error:
+                raise ValueError(
+                    f"prompt: bad placeholder ({type(error).__name__}: {error}); use only "
+                    "{question}, {ground_truth}, {prediction} and write {{ and }} for literal braces"
+                ) from None
+            missing = [name for name in ("ground_truth", "prediction") if "{" + name + "}" not in self.prompt]
+            if missing:
+                raise ValueError(f"prompt: needs the placeholder(s) {', '.join('{' + m + '}' for m in missing)}")
+        replies = [reply for reply in (self.reply_correct, self.reply_incorrect) if reply is not None]
+        if any(not reply.strip() for reply in replies):
+            raise ValueError("reply_correct / reply_incorrect must not be blank")
+        if len(replies) == 2 and replies[0].casefold() == replies[1].casefold():
+            raise ValueError("reply_correct and reply_incorrect must differ")
+        return self
+
+
 class RewardConfig(Section):
     checker: Literal["exact", "numeric", "math_verify", "judge"] = Field(
-        "math_verify", description="How an extracted <answer> is compared with the gold answer."
+        "math_verify", description="How an extracted <answer> is compared with the gold answer (a list gold "
+        "answer: the best match counts)."
     )
     acc_weight: float = Field(0.9, ge=0, description="r_acc = acc_weight*correct + format_weight*format_ok.")
     format_weight: float = Field(0.1, ge=0, description="Weight of the format reward inside r_acc.")
-    judge: JudgeConfig | None = Field(None, description="LLM judge (required when checker is 'judge').")
+    format: Literal["metis", "reason", "think", "none"] = Field(
+        "metis", description="format_ok rule. metis: tags closed per turn, exactly one non-blank answer, in the "
+        "final turn, last; reason (official Metis code): over the whole response <reason>/</reason> and "
+        "<tool_call>/</tool_call> counts equal, and after the last </reason> <answer>/</answer> counts equal "
+        "and >= 1; think: reason with <think>; none: every rollout counts as well formed."
+    )
+    answer_position: Literal["last", "first"] = Field(
+        "last", description="Which <answer> is checked: last = the last one of the final turn; first = the first "
+        "one of the whole response (official Metis code)."
+    )
+    judge: RewardJudgeConfig | None = Field(None, description="LLM judge (required when checker is 'judge').")
 
 
 # ----------------------------------------------------------------------------------------- sft
@@ -241,7 +378,10 @@ class HdpoConfig(Section):
     ppo_epochs: int = Field(1, gt=0, description="Optimizer passes over each batch of rollouts.")
     micro_batch_size: int = Field(16, gt=0, description="Rollouts per forward/backward.")
     coupled: CoupledConfig = Field(default_factory=CoupledConfig, description="Settings of the coupled baseline.")
-    drop_no_signal_groups: bool = Field(False, description="Skip groups whose accuracy advantages are all zero.")
+    drop_no_signal_groups: bool = Field(
+        False, description="Leave out of the update the groups without a learning signal in either channel "
+        "(every rollout has A_acc = 0 and A_tool = 0)."
+    )
     unscored_retries: int = Field(1, ge=0, description="Re-score attempts for rollouts the judge could not score.")
     eval_every: int = Field(10, gt=0, description="Steps between greedy held-out evals (also at step 0).")
     save_every: int = Field(50, gt=0, description="Steps between checkpoints.")

@@ -1,7 +1,11 @@
-"""Pull the final answer out of a model reply: the text inside `<answer>...</answer>`.
+"""Pull the answer out of a model reply: the text inside `<answer>...</answer>`.
 
-Owns only extraction. Whether the reply is well formed (exactly one answer tag, in the last
-turn) is `rewards/format.py`'s question; whether the answer is right is `rewards/checkers.py`'s.
+Owns only extraction. Whether the reply is well formed is `rewards/format.py`'s question;
+whether the answer is right is `rewards/checkers.py`'s. Which answer of a rollout counts is the
+recipe's `reward.answer_position` (`ANSWER_POSITIONS`):
+  - last (default): the last complete answer tag of the final assistant turn;
+  - first (the official Metis code): the first complete answer tag of the whole response (the
+    assistant turns joined, earlier turns included).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import re
 
 ANSWER_PATTERN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+ANSWER_POSITIONS = ("last", "first")
 
 
 def extract_answer(text: str | None) -> str | None:
@@ -29,3 +34,13 @@ def extract_answer(text: str | None) -> str | None:
 def final_answer(assistant_texts: list[str]) -> str | None:
     """The answer of a multi-turn rollout: extracted from its final assistant turn only."""
     return extract_answer(assistant_texts[-1]) if assistant_texts else None
+
+
+def rollout_answer(assistant_texts: list[str], position: str = "last") -> str | None:
+    """The answer of a rollout at `position` (one of ANSWER_POSITIONS, see the module docstring)."""
+    if position == "last":
+        return final_answer(assistant_texts)
+    if position == "first":
+        match = ANSWER_PATTERN.search("\n".join(assistant_texts))
+        return match.group(1).strip() if match else None
+    raise ValueError(f"unknown answer position {position!r}; use one of {', '.join(ANSWER_POSITIONS)}")

@@ -5,6 +5,9 @@ A checker is `checker(prediction, gold) -> bool`, chosen in the recipe as `rewar
 numbers: "1,234" == "1234.0"), `math_verify` (symbolic equality via the `math-verify` package,
 imported only when used). Checkers never raise on odd model output; they answer False. The LLM
 judge (`rewards/judge.py`) is the one scorer that can also say "unscored" (None).
+
+A gold answer may be a list of acceptable answers (`best_match`): the prediction is right when it
+matches any of them, for every checker.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from fractions import Fraction
 from metis_cli.errors import RecipeError
 
 Checker = Callable[[str, str], bool]
+Gold = str | list[str]
 
 _WHITESPACE = re.compile(r"\s+")
 # Characters that make a short string worth handing to the LaTeX parser; plain words are not
@@ -89,6 +93,24 @@ def math_verify_match(prediction: str, gold: str) -> bool:
         return bool(verify(gold_parsed, predicted, timeout_seconds=_math_verify_timeout_s()))
     except Exception:  # noqa: BLE001 - sympy can fail in many ways on model output; that is "wrong"
         return False
+
+
+def gold_answers(gold: Gold) -> list[str]:
+    """The acceptable answers of a gold answer: itself, or the items of a list."""
+    return [gold] if isinstance(gold, str) else list(gold)
+
+
+def best_match(check: Callable[[str, str], bool | None], prediction: str, gold: Gold) -> bool | None:
+    """The best verdict of `check` over every acceptable answer: True if any matches (checked in
+    order, stopping at the first match); else None if any could not be scored (a match is still
+    possible); else False."""
+    undecided = False
+    for answer in gold_answers(gold):
+        verdict = check(prediction, answer)
+        if verdict:
+            return True
+        undecided = undecided or verdict is None
+    return None if undecided else False
 
 
 CHECKERS: dict[str, Checker] = {

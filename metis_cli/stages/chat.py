@@ -1,17 +1,15 @@
 """`metis chat`: one conversation with a model and its tools, streamed token by token.
 
 The multi-turn tool logic is not re-implemented here: every question goes through the same
-`RolloutEngine` that RL and eval use (agent/rollout.py: prompt rendering, stopping at
-`</tool_call>`, parsing, running the call through the tool registry, forcing the tool turn's
-tokens, turn and token limits). Two adapters make that engine interactive:
-  - `StreamingHFBackend`, a GenerationBackend that generates one sequence with transformers'
-    `generate` and hands each decoded piece of text to a listener as it is sampled; a set
-    `interrupt` event (Ctrl-C in the REPL) ends the turn at the next token. It reports no
-    log-probs (0.0 each): chat never trains.
-  - `ObservedTools`, a registry wrapper that tells the listener about each call before it runs
-    and about its result after.
-The conversation is the engine's rollout messages; a question whose answer was interrupted leaves
-the conversation as it was. The REPL and its rendering live in stages/chat_repl.py.
+`RolloutEngine` and HF backend that RL and eval use (agent/factory.py `build_agent`: prompt
+rendering, stopping at `</tool_call>`, parsing, running the call through the tool registry,
+forcing the tool turn's tokens, turn and token limits). `_ChatStream` makes it interactive: as
+the HF backend's token stream it decodes each sampled token into text for the listener and, once
+`interrupt` is set (Ctrl-C in the REPL), ends the turn at the next token; as the engine's
+`RolloutListener` it tells the listener about each turn, each tool call before it runs and each
+result after. The conversation is the engine's rollout messages; a question whose answer was
+interrupted leaves the conversation as it was. The REPL and its rendering live in
+stages/chat_repl.py.
 """
 
 from __future__ import annotations
@@ -23,11 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
-
-from metis_cli.agent.backend import Generation
+from metis_cli.agent.rollout_types import RolloutListener
 from metis_cli.errors import DataError
 
 
@@ -101,139 +95,74 @@ class ChatAnswer:
         }
 
 
-# ------------------------------------------------------------------------------ backend
-class _TextStreamer(BaseStreamer):
-    """Receives token ids from `generate` and passes the newly decoded text on.
+# ------------------------------------------------------------------------------ stream
+class _ChatStream(RolloutListener):
+    """The HF backend's token stream and the engine's listener for one session (module docstring).
 
-    The whole sampled sequence is decoded each time and only the new suffix is emitted, so
-    multi-byte characters split across tokens come out whole (a trailing U+FFFD waits).
+    Text: the whole sampled turn is decoded after each token and only the new suffix is passed
+    on, so multi-byte characters split across tokens come out whole (a trailing U+FFFD waits).
     """
 
-    def __init__(self, tokenizer, on_text):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.token_ids: list[int] = []
-        self.emitted = ""
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate pushes the prompt first
-            self.prompt_seen = True
-            return
-        self.token_ids += value.reshape(-1).tolist()
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return
-        if len(text) > len(self.emitted):
-            self.on_text(text[len(self.emitted):])
-            self.emitted = text
-
-    def end(self) -> None:
-        pass
-
-
-class _StopOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class StreamingHFBackend:
-    """GenerationBackend for a chat: one sequence at a time, text streamed to `listener.on_text`."""
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         self.listener: ChatListener = SilentListener()
         self.interrupt = threading.Event()
-        self.turn = 0
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def update_weights(self, model) -> None:
-        self.model = model
-
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, stop_token_ids, greedy=False, seed=None):
-        return [self._generate_one(p, max_new_tokens, temperature, top_p, stop_token_ids, greedy, seed) for p in prompts]
-
-    def _generate_one(self, prompt, max_new_tokens, temperature, top_p, stop_token_ids, greedy, seed) -> Generation:
-        if self.interrupt.is_set() or max_new_tokens <= 0:
-            return Generation([], [], "length")
-        self.turn += 1
-        self.listener.on_turn_start(self.turn)
-        greedy = greedy or temperature <= 0
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=not greedy, eos_token_id=list(stop_token_ids),
-            pad_token_id=self.pad_id, **({} if greedy else {"temperature": temperature, "top_p": top_p}),
-        )
-        if seed is not None and not greedy:
-            torch.manual_seed(seed)
-        device = next(self.model.parameters()).device
-        input_ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
-                streamer=_TextStreamer(self.tokenizer, self.listener.on_text),
-                stopping_criteria=StoppingCriteriaList([_StopOnEvent(self.interrupt)]),
-            )
-        new_ids = output[0, len(prompt):].tolist()
-        stopped = bool(new_ids) and new_ids[-1] in stop_token_ids and not self.interrupt.is_set()
-        return Generation(new_ids, [0.0] * len(new_ids), "stop" if stopped else "length")
-
-
-# -------------------------------------------------------------------------------- tools
-class ObservedTools:
-    """The tool registry, reporting each call to a listener and keeping a record of it."""
-
-    def __init__(self, registry):
-        self.registry = registry
-        self.listener: ChatListener = SilentListener()
         self.records: list[ToolCallRecord] = []
+        self._turn_ids: list[int] = []
+        self._emitted = ""
 
-    def specs(self) -> list[dict]:
-        return self.registry.specs()
+    def start(self, listener: ChatListener) -> None:
+        """A new question: clear the interrupt and the records, talk to `listener`."""
+        self.listener, self.records = listener, []
+        self.interrupt.clear()
 
-    def names(self) -> list[str]:
-        return self.registry.names()
+    # TokenStream (agent/hf_backend.py)
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupt.is_set()
 
-    def execute_many(self, requests):
-        for call, _ in requests:
-            self.listener.on_tool_start(call)
-        results = self.registry.execute_many(requests)
-        for (call, _), result in zip(requests, results):
-            record = ToolCallRecord(call.name, call.arguments, call.raw, call.error, result.text, result.error,
-                                    result.runtime_s)
-            self.records.append(record)
-            self.listener.on_tool_result(record)
-        return results
+    def on_tokens(self, prompt_indices: list[int], token_ids: list[int]) -> None:
+        self._turn_ids += token_ids  # a chat samples one sequence at a time
+        text = self.tokenizer.decode(self._turn_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self._emitted):
+            return
+        if len(text) > len(self._emitted):
+            self.listener.on_text(text[len(self._emitted):])
+            self._emitted = text
+
+    # RolloutListener (agent/rollout_types.py)
+    def on_turn_start(self, rollout) -> None:
+        self._turn_ids, self._emitted = [], ""
+        if not self.interrupted:
+            self.listener.on_turn_start(rollout.num_turns + 1)
+
+    def on_tool_start(self, rollout, call) -> None:
+        self.listener.on_tool_start(call)
+
+    def on_tool_result(self, rollout, call, result) -> None:
+        record = ToolCallRecord(call.name, call.arguments, call.raw, call.error, result.text, result.error,
+                                result.runtime_s)
+        self.records.append(record)
+        self.listener.on_tool_result(record)
 
 
 # ------------------------------------------------------------------------------ session
 class ChatSession:
     """A conversation with one model: `ask(question)` runs the engine and keeps the messages."""
 
-    def __init__(self, model, tokenizer, registry, recipe, *, model_path: str, system_prompt: str | None):
-        from metis_cli.agent.rollout import RolloutEngine
-
-        chat = recipe.chat
+    def __init__(self, agent, stream: _ChatStream, recipe, *, model_path: str, system_prompt: str | None):
+        self.agent, self.engine, self.tools, self.stream = agent, agent.engine, agent.registry, stream
         self.model_path = model_path
-        self.backend = StreamingHFBackend(model, tokenizer)
-        self.tools = ObservedTools(registry)
-        self.temperature = chat.temperature
+        self.temperature = recipe.chat.temperature
         self.seed = recipe.run.seed
-        self.engine = RolloutEngine(
-            self.backend, tokenizer, self.tools,
-            max_turns=chat.max_turns, max_new_tokens_per_turn=chat.max_new_tokens,
-            # A chat grows over many questions: the model's context is the only cap.
-            max_total_tokens=getattr(model.config, "max_position_embeddings", None) or recipe.rollout.max_total_tokens,
-            temperature=chat.temperature, top_p=recipe.rollout.top_p,
-        )
+        self.questions = 0
         self.system_prompt = system_prompt
         self.messages: list[dict] = []
         self.reset()
 
     @property
     def interrupt(self) -> threading.Event:
-        return self.backend.interrupt
+        return self.stream.interrupt
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -248,17 +177,15 @@ class ChatSession:
         return self.tools.specs()
 
     def ask(self, question: str, listener: ChatListener | None = None) -> ChatAnswer:
+        from metis_cli.model.runtime import CHAT_QUESTION_SEED, derive_seed
         from metis_cli.rewards.answer import final_answer
 
-        listener = listener or SilentListener()
-        self.backend.listener = self.tools.listener = listener
-        self.backend.turn = 0
-        self.tools.records = []
-        self.interrupt.clear()
+        self.stream.start(listener or SilentListener())
         started = time.perf_counter()
         prompt = self.messages + [{"role": "user", "content": question}]
-        self.seed += 1  # a new draw per question when sampling, reproducible per session
-        rollout = self.engine.run([prompt], 1, greedy=self.temperature <= 0, seed=self.seed)[0]
+        self.questions += 1  # a new draw per question when sampling, reproducible per session
+        rollout = self.engine.run([prompt], 1, greedy=self.temperature <= 0, listener=self.stream,
+                                  seed=derive_seed(CHAT_QUESTION_SEED, self.seed, self.questions))[0]
         finish = rollout.finish_reason or "eos"
         if self.interrupt.is_set():
             finish = "interrupted"
@@ -268,7 +195,7 @@ class ChatSession:
             self.messages = rollout.messages
         return ChatAnswer(
             question=question, answer=final_answer(rollout.assistant_texts), finish_reason=finish,
-            tool_calls=list(self.tools.records), T=rollout.tool_calls, turns=rollout.num_turns,
+            tool_calls=list(self.stream.records), T=rollout.tool_calls, turns=rollout.num_turns,
             generated_tokens=rollout.generated_tokens, total_s=time.perf_counter() - started,
             generation_s=rollout.generation_s, tool_s=rollout.tool_s, messages=rollout.messages,
         )
@@ -289,17 +216,25 @@ class ChatSession:
 
 def open_session(model_path: str, recipe, *, quiet: bool = False) -> ChatSession:
     """Load the model and tools a recipe describes and start a conversation."""
-    from metis_cli.agent.factory import build_registry
+    from metis_cli.agent.factory import build_agent, build_registry
     from metis_cli.data.synthetic import SYSTEM_PROMPT
-    from metis_cli.telemetry.progress import spinner
     from metis_cli.model.loading import load_policy
     from metis_cli.model.runtime import pick_device, seed_everything, setup_threads
+    from metis_cli.telemetry.progress import spinner
 
     setup_threads(recipe.run.threads)
     device = pick_device(recipe.run.device)
     seed_everything(recipe.run.seed)
     with spinner(f"chat: loading {model_path}", quiet=quiet):
         model, tokenizer = load_policy(model_path, recipe, device=device, field="--model", trainable=False)
-    system_prompt = recipe.chat.system_prompt if recipe.chat.system_prompt is not None else SYSTEM_PROMPT
-    return ChatSession(model.eval(), tokenizer, build_registry(recipe), recipe,
-                       model_path=model_path, system_prompt=system_prompt)
+    stream = _ChatStream(tokenizer)
+    chat = recipe.chat
+    agent = build_agent(
+        recipe, model_path, registry=build_registry(recipe), model=model.eval(), tokenizer=tokenizer,
+        backend="hf", token_stream=stream, max_turns=chat.max_turns, max_new_tokens=chat.max_new_tokens,
+        # A chat grows over many questions: the model's context is the only cap.
+        max_total_tokens=getattr(model.config, "max_position_embeddings", None) or recipe.rollout.max_total_tokens,
+        temperature=chat.temperature,
+    )
+    system_prompt = chat.system_prompt if chat.system_prompt is not None else SYSTEM_PROMPT
+    return ChatSession(agent, stream, recipe, model_path=model_path, system_prompt=system_prompt)

@@ -66,7 +66,7 @@ class EvalStage:
         from metis_cli.model.runtime import pick_device, seed_everything, setup_threads
 
         setup_threads(self.recipe.run.threads)
-        self.device = pick_device(self.recipe.run.device)
+        pick_device(self.recipe.run.device)  # run.device: cuda without a GPU fails before any model loads
         seed_everything(self.recipe.run.seed)
         self._setup_tools()
 
@@ -147,43 +147,35 @@ class EvalStage:
                         f"tool-call ratio {_pct(overall['tool_call_ratio'])}")
 
     def evaluate_model(self, spec: ModelSpec, bar) -> ModelAnswers:
-        from metis_cli.agent.factory import build_backend, build_engine
-
-        model, tokenizer = self._load(spec)
-        backend = build_backend(self.recipe, model, tokenizer, model_path=spec.path)
+        agent = self._load(spec)
         try:
-            temperature = self.cfg.temperature if self.samples > 1 else None
-            engine = build_engine(self.recipe, backend, tokenizer, self.registry, temperature=temperature)
             result = ModelAnswers(spec.label, spec.path, [], [] if self.redundancy else None)
             self._answer_log = []
             for subset in self.subsets:
                 examples = self.examples[subset]
                 started = time.perf_counter()
-                result.answers += self._answer(engine, examples, spec, bar, subset, use_tools=True)
+                result.answers += self._answer(agent.engine, examples, spec, bar, subset, use_tools=True)
                 result.wall_s_by_subset[subset] = time.perf_counter() - started
                 if self.redundancy:
-                    result.no_tool_answers += self._answer(engine, examples, spec, bar, subset, use_tools=False)
+                    result.no_tool_answers += self._answer(agent.engine, examples, spec, bar, subset, use_tools=False)
             self._write_answer_log(spec.label)
             return result
         finally:
-            close = getattr(backend, "close", None)
-            if close is not None:
-                close()
-            del model, backend
+            agent.close()
+            del agent
             import gc
 
             gc.collect()
 
     def _load(self, spec: ModelSpec):
+        """The agent answering as `spec` (the weights are loaded only for the HF backend)."""
+        from metis_cli.agent.factory import build_agent
         from metis_cli.telemetry.progress import spinner
-        from metis_cli.model.loading import load_policy, load_tokenizer
 
+        temperature = self.cfg.temperature if self.samples > 1 else None
         with spinner(f"eval: loading {spec.path}", quiet=self.quiet):
-            if self.recipe.rollout.backend == "vllm":  # the engine loads the weights itself
-                return None, load_tokenizer(spec.path, field=spec.field,
-                                            trust_remote_code=self.recipe.model.trust_remote_code)
-            model, tokenizer = load_policy(spec.path, self.recipe, device=self.device, field=spec.field, trainable=False)
-        return model.eval(), tokenizer
+            return build_agent(self.recipe, spec.path, registry=self.registry, field=spec.field,
+                               temperature=temperature)
 
     def _answer(self, engine, examples, spec: ModelSpec, bar, subset: str, *, use_tools: bool) -> list[Answer]:
         from metis_cli.rewards.batch import score_rollouts

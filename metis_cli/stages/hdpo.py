@@ -1,36 +1,41 @@
 """`metis hdpo`: RL with Hierarchical Decoupled Policy Optimization (and its baselines).
 
-What one step does (DESIGN.md "HDPO, exactly"):
+What one step does (docs/algorithm.md; how it runs: docs/rl-step.md):
   1. Take `prompts_per_step` prompts; sample G = `group_size` multi-turn rollouts each (tools run
      inside the sampler; tool output tokens are forced and never trained on).
   2. Rewards per rollout i with T_i tool calls:
         r_acc_i  = 0.9 * correct_i + 0.1 * format_ok_i
         r_tool_i = 1 / (T_i + 1) if correct_i else 0
      A rollout the judge cannot score (after retries) is excluded from its group and counted.
-  3. Advantages per group (`algo.advantages.hdpo_advantages`):
+  3. Advantages per group (`algo.estimators`, for hdpo `algo.advantages.hdpo_advantages`):
         A_acc_i  = (r_acc_i - mean(r_acc)) / (std(r_acc) + 1e-6)           over all G
         Q        = { i : r_tool_i > 0 }                                     (correct rollouts)
         A_tool_i = (r_tool_i - mean_Q) / (std_Q + 1e-6) for i in Q if |Q| >= 2, else 0
-  4. Loss: L = w_acc * L_clip(A_acc) + w_tool * L_clip(A_tool), PPO clip 0.2, on the same
-     log-probs; L_acc averages over all sampled tokens, L_tool over sampled tokens of rollouts
-     with A_tool != 0. Optional k3 KL to the frozen initial policy (off by default, as in the
-     paper). Old log-probs are the trainer's own (recomputed), not the sampler's; the gap is
-     logged as `logprob_mismatch`.
+  4. Keep the scored rollouts; with `hdpo.drop_no_signal_groups`, not the groups in which no
+     rollout has A_acc != 0 or A_tool != 0 (`algo.estimators.keep_mask`).
+  5. Loss on the kept rollouts: L = w_acc * L_clip(A_acc) + w_tool * L_clip(A_tool), PPO clip
+     0.2, on the same log-probs; L_acc averages over all sampled tokens, L_tool over sampled
+     tokens of rollouts with A_tool != 0. Optional k3 KL to the frozen initial policy (off by
+     default, as in the paper). Old log-probs are the trainer's own (recomputed), not the
+     sampler's; the gap is logged as `logprob_mismatch`.
   Early on few groups have two correct rollouts, so the efficiency channel is mostly silent and
   accuracy dominates; as accuracy rises it switches on by itself (`efficiency_group_share`).
 Baselines (`hdpo.estimator`): grpo (accuracy channel only), coupled (one scalar reward
 r_acc - coef*T or r_acc + coef*r_tool, one normalisation), gdpo (each reward normalised per
 group, summed, one loss).
 
+A step reads: rollouts -> `ScoredBatch` (`stages.hdpo_step.scored_batch`) -> `Advantages`
+(`algo.estimators.estimate`) -> keep -> `update` (`stages.hdpo_update.policy_update`, then the
+weight sync) -> `StepMetrics` (one metrics.jsonl record; names in `telemetry.metrics`).
+
 Shape: `HdpoStage` with `setup()` (`_setup_model`, `_setup_engine`, `_setup_data`,
-`_setup_optimizer`, `_resume`), `train()` (`rollout_step`, `update`, `evaluate`), `save()`,
-`cleanup()`; `run()` wires them.
+`_setup_optimizer`, `_resume`), `train()` (`rollout_step`, `advantages`, `update`, `evaluate`),
+`save()`, `cleanup()`; `run()` wires them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ from pathlib import Path
 
 from metis_cli.errors import DataError
 from metis_cli.files import write_atomic
+from metis_cli.model.runtime import HDPO_EPOCH_ORDER_SEED, HDPO_STEP_SEED, derive_seed
 
 
 @dataclass
@@ -106,12 +112,12 @@ class HdpoStage:
                 p.requires_grad_(False)
 
     def _setup_engine(self) -> None:
-        from metis_cli.agent.factory import build_backend, build_engine, build_registry
+        from metis_cli.agent.factory import build_agent, build_registry
         from metis_cli.rewards.batch import build_checker
 
-        self.registry = build_registry(self.recipe)
-        self.backend = build_backend(self.recipe, self.model, self.tokenizer, model_path=self.cfg.init_from)
-        self.engine = build_engine(self.recipe, self.backend, self.tokenizer, self.registry)
+        agent = build_agent(self.recipe, self.cfg.init_from, registry=build_registry(self.recipe),
+                            field="hdpo.init_from", model=self.model, tokenizer=self.tokenizer)
+        self.registry, self.backend, self.engine = agent.registry, agent.backend, agent.engine
         self.checker = build_checker(self.recipe.reward)
 
     def _setup_optimizer(self) -> None:
@@ -149,7 +155,7 @@ class HdpoStage:
         for position in range(step * per_step, (step + 1) * per_step):
             epoch, offset = divmod(position, n)
             order = list(range(n))
-            random.Random(self.recipe.run.seed * 7919 + epoch).shuffle(order)
+            random.Random(derive_seed(HDPO_EPOCH_ORDER_SEED, self.recipe.run.seed, epoch)).shuffle(order)
             indices.append(order[offset])
         return indices
 
@@ -159,113 +165,40 @@ class HdpoStage:
         from metis_cli.rewards.batch import score_rollouts
 
         rollouts = self.engine.run([e.messages for e in examples], self.cfg.group_size,
-                                   seed=self.recipe.run.seed * 100003 + self.step)
+                                   seed=derive_seed(HDPO_STEP_SEED, self.recipe.run.seed, self.step))
         scores = score_rollouts(rollouts, examples, self.checker, self.recipe.reward, retries=self.cfg.unscored_retries)
         return rollouts, scores
 
     def advantages(self, rollouts, scores):
-        """(a_acc, a_tool or None, scored mask, group ids, r_acc, r_tool) as [N] tensors."""
-        import torch
+        """(ScoredBatch with its keep mask, Advantages) of a step's scored rollouts."""
+        from metis_cli.algo.estimators import estimate, keep_mask
+        from metis_cli.stages.hdpo_step import scored_batch
 
-        from metis_cli.algo import advantages as adv
+        batch = scored_batch(rollouts, scores)
+        advantages = estimate(self.cfg.estimator, batch, self.cfg)
+        keep = keep_mask(batch, advantages, drop_no_signal_groups=self.cfg.drop_no_signal_groups)
+        return batch.with_keep(keep), advantages
 
-        scored = torch.tensor([s.correct is not None for s in scores])
-        r_acc = torch.tensor([s.r_acc if s.r_acc is not None else 0.0 for s in scores])
-        r_tool = torch.tensor([s.r_tool if s.r_tool is not None else 0.0 for s in scores])
-        calls = torch.tensor([float(r.tool_calls) for r in rollouts])
-        groups = torch.tensor([r.prompt_index for r in rollouts])
-        estimator = self.cfg.estimator
-        a_tool = None
-        if estimator == "hdpo":
-            a_acc, a_tool = adv.hdpo_advantages(r_acc, r_tool, groups, scored=scored)
-        elif estimator == "grpo":
-            a_acc = adv.grpo_advantages(r_acc, groups, scored=scored)
-        elif estimator == "coupled":
-            coupled = adv.coupled_rewards(r_acc, calls, r_tool, self.cfg.coupled.mode, self.cfg.coupled.coef)
-            a_acc = adv.grpo_advantages(coupled, groups, scored=scored)
-        else:
-            a_acc = adv.gdpo_advantages([r_acc, r_tool], groups, scored=scored)
-        return a_acc, a_tool, scored, groups, r_acc, r_tool
+    def update(self, rollouts, batch, advantages):
+        """PPO-clip update(s) on the kept rollouts, then the weight sync; UpdateFigures, or None
+        when no rollout is kept (nothing trained, nothing synced)."""
+        from metis_cli.stages.hdpo_update import policy_update
 
-    def update(self, rollouts, a_acc, a_tool, keep) -> dict:
-        """PPO-clip update(s) on the kept rollouts; returns loss figures for metrics."""
-        import torch
-
-        from metis_cli.agent.rollout import RolloutBatch
-        from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean
-        from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt
-
-        kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
-        if not kept:
-            return {}
-        index = keep.nonzero().squeeze(-1)
-        a_acc, a_tool = a_acc[index], (a_tool[index] if a_tool is not None else None)
-        batch = RolloutBatch.from_rollouts(kept, self.tokenizer.pad_token_id)
-        prompt_lens = torch.tensor([r.prompt_len for r in kept])
-        mask = batch.loss_mask
-        acc_total = float(mask.sum())
-        tool_total = float(mask[a_tool != 0].sum()) if a_tool is not None else None
-        temperature = self.recipe.rollout.temperature
-        # Micro-batches hold whole groups, so each prompt runs once per micro-batch and its KV cache
-        # serves all of the group's rollouts; each is trimmed to its longest rollout. The loss is
-        # unchanged: it divides by batch-wide token totals.
-        lengths = batch.attention_mask.sum(1)
-        chunks = [(rows, int(lengths[rows].max()))
-                  for rows in micro_batches_by_prompt(batch.group_ids, lengths, self.cfg.micro_batch_size)]
-
-        def cut(tensor, chunk):
-            rows, width = chunk
-            return (tensor[rows, :width] if tensor.dim() == 2 else tensor[rows]).to(self.device)
-
-        def forward(model, chunk, with_entropy=False):
-            return grouped_token_logprobs(model, cut(batch.input_ids, chunk),
-                                          cut(batch.attention_mask, chunk), cut(prompt_lens, chunk),
-                                          temperature=temperature, with_entropy=with_entropy)
-
-        old_logp = None
-        if self.cfg.ppo_epochs > 1:
-            with torch.no_grad():
-                old_logp = [forward(self.model, c)[0] for c in chunks]
-        figures = {"loss": 0.0, "loss_acc": 0.0, "loss_tool": 0.0, "clip_frac_acc": 0.0, "clip_frac_tool": 0.0,
-                   "kl": 0.0, "entropy": 0.0, "logprob_mismatch": 0.0}
-        for epoch in range(self.cfg.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            for number, chunk in enumerate(chunks):
-                logp, entropy = forward(self.model, chunk, with_entropy=epoch == 0)
-                chunk_mask = cut(mask, chunk)
-                old = old_logp[number] if old_logp is not None else logp.detach()
-                parts = hdpo_loss(
-                    logp, old, chunk_mask, cut(a_acc, chunk),
-                    cut(a_tool, chunk) if a_tool is not None else None,
-                    self.cfg.w_acc, self.cfg.w_tool if a_tool is not None else 0.0, self.cfg.clip_eps,
-                    acc_token_total=acc_total, tool_token_total=tool_total or None,
-                )
-                loss = parts.loss
-                share = float(chunk_mask.sum()) / max(acc_total, 1.0)
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref_logp, _ = forward(self.reference, chunk)
-                    kl = kl_k3(logp, ref_logp, chunk_mask)
-                    loss = loss + self.cfg.kl_coef * kl * share
-                    figures["kl"] += float(kl.detach()) * share / self.cfg.ppo_epochs
-                loss.backward()
-                if epoch == 0:
-                    figures["loss"] += float(parts.loss.detach())
-                    figures["loss_acc"] += float(parts.loss_acc)
-                    figures["loss_tool"] += float(parts.loss_tool)
-                    figures["clip_frac_acc"] += parts.clip_frac_acc * share
-                    figures["clip_frac_tool"] += parts.clip_frac_tool * share
-                    figures["entropy"] += float(masked_mean(entropy, chunk_mask)) * share
-                    sampler = cut(batch.sampler_logprobs, chunk)
-                    figures["logprob_mismatch"] += float(masked_mean((logp.detach() - sampler).abs(), chunk_mask)) * share
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.optimizer.step()
+        index = batch.keep.nonzero().squeeze(-1)
+        if index.numel() == 0:
+            return None
+        figures = policy_update(
+            self.model, self.optimizer, [rollouts[i] for i in index.tolist()], advantages.select(index), self.cfg,
+            pad_token_id=self.tokenizer.pad_token_id, temperature=self.recipe.rollout.temperature,
+            device=self.device, reference=self.reference,
+        )
         self.backend.update_weights(self.model)
         return figures
 
     def evaluate(self) -> dict:
         """Greedy pass over the held-out prompts; `eval/<subset>/<figure>` entries."""
         from metis_cli.rewards.batch import score_rollouts, subset_summary
+        from metis_cli.stages.hdpo_step import eval_figures
 
         if not self.eval_examples:
             return {}
@@ -274,18 +207,20 @@ class HdpoStage:
                                 retries=self.cfg.unscored_retries)
         summary = subset_summary(rollouts, scores, self.eval_examples)
         self.eval_history.append((self.step, summary))
-        return {f"eval/{subset}/{name}": value for subset, figures in summary.items() for name, value in figures.items()
-                if name in ("accuracy", "tool_call_ratio", "tool_calls_mean")}
+        return eval_figures(summary)
 
     def train(self) -> None:
-        from metis_cli.algo.advantages import advantage_stats, efficiency_group_share
+        from metis_cli.rewards.batch import rollout_figures
+        from metis_cli.stages.hdpo_step import StepMetrics
         from metis_cli.telemetry import control
+        from metis_cli.telemetry import metrics as m
         from metis_cli.telemetry.progress import StageProgress
 
         started = time.time()
         with StageProgress(f"hdpo[{self.cfg.estimator}]", self.cfg.steps, quiet=self.quiet, completed=self.step) as bar:
             if self.step == 0:
-                record = {"stage": "hdpo", "step": 0, "total_steps": self.cfg.steps, "time": time.time(), **self.evaluate()}
+                record = {m.STAGE: "hdpo", m.STEP: 0, m.TOTAL_STEPS: self.cfg.steps, m.TIME: time.time(),
+                          **self.evaluate()}
                 self.metrics.append(record)
                 bar.log(_eval_line(0, record))
             while self.step < self.cfg.steps:
@@ -293,69 +228,36 @@ class HdpoStage:
                 examples = [self.prompts[i] for i in self._step_prompts(self.step)]
                 rollouts, scores = self.rollout_step(examples)
                 rollout_s = time.time() - step_start
-                a_acc, a_tool, scored, groups, r_acc, r_tool = self.advantages(rollouts, scores)
-                keep = scored.clone()
-                if self.cfg.drop_no_signal_groups:
-                    signal = (a_acc != 0) | ((a_tool != 0) if a_tool is not None else False)
-                    for g in groups.unique():
-                        if not bool(signal[groups == g].any()):
-                            keep[groups == g] = False
+                batch, advantages = self.advantages(rollouts, scores)
                 update_start = time.time()
-                figures = self.update(rollouts, a_acc, a_tool, keep)
+                update = self.update(rollouts, batch, advantages)
                 update_s = time.time() - update_start
                 self.step += 1
-                record = self._step_record(rollouts, scores, a_acc, a_tool, scored, groups, r_acc, r_tool, keep)
-                record.update(figures)
-                record.update({"rollout_s": rollout_s, "update_s": update_s, "step_s": time.time() - step_start,
-                               "elapsed_s": time.time() - started, "lr": self.optimizer.param_groups[0]["lr"],
-                               "efficiency_group_share": efficiency_group_share(r_tool, groups, scored=scored)})
-                record["tokens_per_s"] = record["generated_tokens"] / max(rollout_s, 1e-9)
-                for name, values in (("adv_acc", a_acc), ("adv_tool", a_tool)):
-                    if values is not None:
-                        stats = advantage_stats(values[scored])
-                        record.update({f"{name}_{k}": v for k, v in stats.items()})
+                step_metrics = StepMetrics.measure(
+                    batch, advantages, rollout_figures(rollouts, scores), step=self.step,
+                    total_steps=self.cfg.steps, estimator=self.cfg.estimator, update=update, rollout_s=rollout_s,
+                    update_s=update_s, step_s=time.time() - step_start, elapsed_s=time.time() - started,
+                    lr=self.optimizer.param_groups[0]["lr"],
+                )
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
-                    record.update(self.evaluate())
-                    bar.log(_eval_line(self.step, record))
+                    step_metrics.eval = self.evaluate()
+                    bar.log(_eval_line(self.step, step_metrics.eval))
                 if self.cfg.samples_to_save and (self.step % self.cfg.sample_every == 0 or self.step == 1):
-                    self._save_samples(rollouts, scores, examples, a_acc, a_tool)
+                    self._save_samples(rollouts, scores, examples, advantages)
                 requests = control.pending(self.stage_dir)
                 if self.step % self.cfg.save_every == 0 or requests:
-                    record["checkpoint"] = str(self.save_checkpoint())
+                    step_metrics.checkpoint = str(self.save_checkpoint())
                     for what in requests:
                         control.clear(self.stage_dir, what)
-                self.metrics.append(record)
-                bar.update(self.step, acc=record["accuracy"], tools=record["tool_call_ratio"],
-                           q2=record["efficiency_group_share"], step_s=record["step_s"])
+                self.metrics.append(step_metrics.to_record())
+                bar.update(self.step, acc=step_metrics.rollouts.accuracy, tools=step_metrics.rollouts.tool_call_ratio,
+                           q2=step_metrics.efficiency_group_share, step_s=step_metrics.step_s)
                 if "stop" in requests:
                     bar.log(f"hdpo: stopped at step {self.step} on request; resume with --resume")
                     self.stopped = True
                     return
 
-    def _step_record(self, rollouts, scores, a_acc, a_tool, scored, groups, r_acc, r_tool, keep) -> dict:
-        n = len(rollouts)
-        scored_list = [s for s in scores if s.correct is not None]
-        errors = [sum(r.tool_errors.values()) for r in rollouts]
-        return {
-            "stage": "hdpo", "step": self.step, "total_steps": self.cfg.steps, "time": time.time(),
-            "estimator": self.cfg.estimator,
-            "accuracy": sum(s.correct for s in scored_list) / max(len(scored_list), 1),
-            "r_acc_mean": float(r_acc[scored].mean()) if bool(scored.any()) else None,
-            "r_tool_mean": float(r_tool[scored].mean()) if bool(scored.any()) else None,
-            "format_ok": sum(s.format_ok for s in scores) / n,
-            "tool_call_ratio": sum(r.tool_calls >= 1 for r in rollouts) / n,
-            "tool_calls_mean": sum(r.tool_calls for r in rollouts) / n,
-            "tool_errors": sum(errors),
-            "tool_timeouts": sum(r.tool_errors.get("timeout", 0) for r in rollouts),
-            "malformed_tool_calls": sum(r.tool_errors.get("malformed", 0) for r in rollouts),
-            "unscored": n - len(scored_list),
-            "truncated": sum(r.finish_reason == "length" for r in rollouts),
-            "rollouts_trained": int(keep.sum()),
-            "generated_tokens": sum(r.generated_tokens for r in rollouts),
-            "response_tokens_mean": sum(r.generated_tokens for r in rollouts) / n,
-        }
-
-    def _save_samples(self, rollouts, scores, examples, a_acc, a_tool) -> None:
+    def _save_samples(self, rollouts, scores, examples, advantages) -> None:
         folder = self.stage_dir / "rollouts"
         folder.mkdir(parents=True, exist_ok=True)
         stride = max(1, len(rollouts) // self.cfg.samples_to_save)
@@ -367,7 +269,8 @@ class HdpoStage:
                 "question": example.question, "gold": example.answer, "messages": r.messages,
                 "final_answer": s.answer, "correct": s.correct, "tool_calls": r.tool_calls,
                 "tool_errors": sum(r.tool_errors.values()), "r_acc": s.r_acc, "r_tool": s.r_tool,
-                "adv_acc": float(a_acc[i]), "adv_tool": float(a_tool[i]) if a_tool is not None else 0.0,
+                "adv_acc": float(advantages.acc[i]),
+                "adv_tool": float(advantages.tool[i]) if advantages.tool is not None else 0.0,
             }))
         write_atomic(folder / f"step_{self.step:06d}.jsonl", "\n".join(lines) + "\n")
 
@@ -393,21 +296,23 @@ class HdpoStage:
     def cleanup(self) -> None:
         import gc
 
-        close = getattr(self.backend, "close", None) if hasattr(self, "backend") else None
-        if close is not None:
-            close()
+        if hasattr(self, "backend"):
+            self.backend.close()
         for name in ("model", "reference", "optimizer", "backend", "engine"):
             self.__dict__.pop(name, None)
         gc.collect()
 
 
 def _eval_line(step: int, record: dict) -> str:
+    from metis_cli.telemetry import metrics as m
+
+    short = {m.ACCURACY: "acc", m.TOOL_CALL_RATIO: "tools", m.TOOL_CALLS_MEAN: "calls"}
     parts = []
     for key, value in sorted(record.items()):
-        if key.startswith("eval/") and value is not None and not (isinstance(value, float) and math.isnan(value)):
-            _, subset, name = key.split("/")
-            short = {"accuracy": "acc", "tool_call_ratio": "tools", "tool_calls_mean": "calls"}[name]
-            parts.append(f"{subset}.{short}={value:.2f}")
+        split = m.split_eval_key(key)
+        if split is not None and value is not None:
+            subset, name = split
+            parts.append(f"{subset}.{short[name]}={value:.2f}")
     return f"hdpo eval @ step {step}: " + "  ".join(parts)
 
 

@@ -5,7 +5,12 @@ mask comes from `data.chat.tokenize_conversation`, the same token cut the rollou
 averaged over the assistant tokens of each optimizer step. Phases train in order (for the tiny
 recipe: "knowledge" direct answers, then cold-start tool-use trajectories). Full fine-tuning or
 LoRA, gradient accumulation, warmup + cosine/linear decay, held-out eval loss, atomic
-checkpoints, `--resume`.
+checkpoints, `--resume`. AdamW updates fp32 master weights (`train.optimizer`).
+
+Under torchrun (`--nproc-per-node N`) every rank plans the same global micro-batches and trains on
+its share of each (rows rank, rank + N, ...); FSDP2 reduces the gradients, so a step is the step
+one process would take on the whole batch. Rank 0 writes the metrics (global figures) and the
+final HF folder; checkpoints are sharded (`train.checkpoint.save_sharded_checkpoint`).
 
 Shape: `SftStage(recipe, ...)` with `setup()` (`_setup_model`, `_setup_data`, `_setup_optimizer`,
 `_resume`), `train()`, `save()`, `cleanup()`; `run()` wires them.
@@ -19,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from metis_cli.errors import DataError
+from metis_cli.errors import DataError, RunFolderError
+from metis_cli.telemetry import metrics as m
 
 
 @dataclass
@@ -45,17 +51,21 @@ class SftStage:
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
         from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
-        from metis_cli.model.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
+        from metis_cli.model.runtime import available_cores, pick_device, quiet_libraries, seed_everything, setup_threads
+        from metis_cli.train.distributed import init_distributed, run_on_main, training_timeouts
 
         if not self.cfg.phases:
             raise DataError("sft.phases is empty: add at least one phase with data, e.g. "
                             "phases: [{data: [{path: data/sft.jsonl}], epochs: 2}]")
-        prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="sft",
-                          inputs=stage_inputs(self.recipe, "sft"))
-        write_resolved_recipe(self.recipe)
+        self.dist = init_distributed(self.recipe.run.device)
+        self.quiet = self.quiet or not self.dist.is_main
+        run_on_main(self.dist, lambda: prepare_stage_dir(
+            self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="sft",
+            inputs=stage_inputs(self.recipe, "sft")))
+        run_on_main(self.dist, lambda: write_resolved_recipe(self.recipe))
         quiet_libraries()
-        self.threads = setup_threads(self.recipe.run.threads)
-        self.device = pick_device(self.recipe.run.device)
+        self.threads = setup_threads(self.dist.threads(self.recipe.run.threads, available_cores()))
+        self.device = self.dist.device if self.dist.enabled else pick_device(self.recipe.run.device)
         seed_everything(self.recipe.run.seed)
         self.metrics = MetricsLog(self.stage_dir / "metrics.jsonl")
         self._setup_model()
@@ -63,12 +73,16 @@ class SftStage:
         self._setup_optimizer()
         if self.resume:
             self._resume()
+        training_timeouts(self.dist, self.recipe.run.distributed.timeout_s)
 
     def _setup_model(self) -> None:
         from metis_cli.model.loading import ensure_base_model, load_policy
+        from metis_cli.train.distributed import run_on_main, shard_model
 
-        ensure_base_model(self.recipe)
-        self.model, self.tokenizer = load_policy(self.cfg.init_from, self.recipe, device=self.device, field="sft.init_from")
+        run_on_main(self.dist, lambda: ensure_base_model(self.recipe))
+        self.model, self.tokenizer = load_policy(self.cfg.init_from, self.recipe, field="sft.init_from",
+                                                 device="cpu" if self.dist.enabled else self.device)
+        self.model = shard_model(self.model, self.recipe, self.dist)
         self.model.train()
 
     def _setup_data(self) -> None:
@@ -116,6 +130,8 @@ class SftStage:
     def _batch_plan(self) -> list[tuple[int, list[int]]]:
         """Every micro-batch of the run as (phase, example indices), fixed by the seed, so a
         resumed run skips exactly the batches already trained."""
+        from metis_cli.model.runtime import SFT_PHASE_ORDER_SEED, derive_seed
+
         plan: list[tuple[int, list[int]]] = []
         size = self.cfg.batch_size
         for p, (phase, data) in enumerate(zip(self.cfg.phases, self.phases)):
@@ -123,7 +139,7 @@ class SftStage:
             if n == 0:
                 raise DataError(f"sft.phases[{p}]: no examples left (all longer than sft.max_seq_len?)")
             order: list[int] = []
-            rng = random.Random(self.recipe.run.seed * 1000 + p)
+            rng = random.Random(derive_seed(SFT_PHASE_ORDER_SEED, self.recipe.run.seed, p))
             for _ in range(math.ceil(phase.epochs)):
                 epoch = list(range(n))
                 rng.shuffle(epoch)
@@ -135,8 +151,10 @@ class SftStage:
     def _setup_optimizer(self) -> None:
         import torch
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        from metis_cli.train.optimizer import MasterWeights
+
+        self.weights = MasterWeights(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer = self.weights.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _phase_bounds(self) -> list[tuple[int, int]]:
@@ -170,23 +188,35 @@ class SftStage:
         return 1.0
 
     def _resume(self) -> None:
-        from metis_cli.train.checkpoint import latest_checkpoint, load_trainer_state
+        from metis_cli.train.checkpoint import is_sharded, latest_checkpoint, load_sharded_checkpoint, load_trainer_state
         from metis_cli.model.runtime import set_rng_state
+        from metis_cli.train.distributed import shard_model
 
         checkpoint = latest_checkpoint(self.stage_dir)
         if checkpoint is None:
             return
-        from metis_cli.model.loading import load_policy
+        if is_sharded(checkpoint) != self.dist.enabled:
+            written_by = "several processes" if is_sharded(checkpoint) else "one process"
+            raise RunFolderError(f"{checkpoint} was written by {written_by}: resume it the same way "
+                                 f"({'with' if is_sharded(checkpoint) else 'without'} --nproc-per-node), "
+                                 "or pass --overwrite to start over")
+        if self.dist.enabled:
+            state = load_sharded_checkpoint(checkpoint, self.model, self.optimizer, self.dist)
+        else:
+            from metis_cli.model.loading import load_policy
 
-        self.model, _ = load_policy(str(checkpoint), self.recipe, device=self.device, field="checkpoint")
-        self.model.train()
-        state = load_trainer_state(checkpoint)
-        self._setup_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.model, _ = load_policy(str(checkpoint), self.recipe, device=self.device, field="checkpoint")
+            self.model = shard_model(self.model, self.recipe, self.dist)
+            self.model.train()
+            state = load_trainer_state(checkpoint)
+            self._setup_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.weights.load_state_dict(state.get("master_weights"))
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
-        self.metrics.truncate_after(self.step)
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.step)
         if not self.quiet:
             print(f"sft: resumed from {checkpoint} at step {self.step}/{self.total_steps}")
 
@@ -215,8 +245,18 @@ class SftStage:
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
         return loss, int((targets != -100).sum())
 
+    def _share(self, batch: list) -> tuple[list, int]:
+        """This rank's rows of a global micro-batch (rank, rank + N, ...) and the factor its loss
+        is scaled by: FSDP averages gradients over the N ranks, so N gives back the gradient of
+        the whole batch. A rank left without rows runs the first one scaled by 0 (every rank
+        must take part in each forward and backward)."""
+        rows = batch[self.dist.rank :: self.dist.world_size]
+        return (rows, self.dist.world_size) if rows else (batch[:1], 0)
+
     def evaluate(self) -> float | None:
         import torch
+
+        from metis_cli.train.distributed import all_reduce_sum
 
         if not self.eval_set:
             return None
@@ -224,16 +264,18 @@ class SftStage:
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(self.eval_set), self.cfg.batch_size):
-                loss, n = self._loss_sum(self.eval_set[i : i + self.cfg.batch_size])
-                total, count = total + float(loss), count + n
+                rows, scale = self._share(self.eval_set[i : i + self.cfg.batch_size])
+                loss, n = self._loss_sum(rows)
+                if scale:
+                    total, count = total + float(loss), count + n
+        total, count = all_reduce_sum(self.dist, [total, count])
         self.model.train()
         return total / max(count, 1)
 
     def train(self) -> None:
-        import torch
-
         from metis_cli.telemetry import control
         from metis_cli.telemetry.progress import StageProgress
+        from metis_cli.train.distributed import all_reduce_sum, broadcast_object
 
         accum = self.cfg.grad_accum
         started = time.time()
@@ -243,33 +285,36 @@ class SftStage:
                 micro = self.plan[self.step * accum : (self.step + 1) * accum]
                 batches = [[self.phases[p][i] for i in indices] for p, indices in micro]
                 tokens = sum(int(sum(mask)) for batch in batches for _, mask in batch)
-                self.optimizer.zero_grad(set_to_none=True)
+                self.weights.zero_grad()
                 total = 0.0
                 for batch in batches:
-                    loss_sum, _ = self._loss_sum(batch)
-                    (loss_sum / max(tokens, 1)).backward()
-                    total += float(loss_sum.detach())
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                    rows, scale = self._share(batch)
+                    loss_sum, _ = self._loss_sum(rows)
+                    (loss_sum * scale / max(tokens, 1)).backward()
+                    total += float(loss_sum.detach()) if scale else 0.0
+                (total,) = all_reduce_sum(self.dist, [total])
                 lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
+                stats = self.weights.step(self.cfg.grad_clip)
                 self.scheduler.step()
                 self.step += 1
                 self.last_loss = total / max(tokens, 1)
                 step_s = time.time() - step_start
-                record = {
-                    "stage": "sft", "step": self.step, "total_steps": self.total_steps,
-                    "epoch": self._epoch_of(self.step), "phase": micro[0][0], "loss": self.last_loss,
-                    "lr": lr, "tokens_per_s": tokens / max(step_s, 1e-9), "step_s": step_s,
-                    "elapsed_s": time.time() - started, "time": time.time(),
+                record = {  # names: telemetry/metrics.py
+                    m.STAGE: "sft", m.STEP: self.step, m.TOTAL_STEPS: self.total_steps,
+                    m.EPOCH: self._epoch_of(self.step), m.PHASE: micro[0][0], m.LOSS: self.last_loss,
+                    m.LR: lr, m.TOKENS_PER_S: tokens / max(step_s, 1e-9), m.STEP_S: step_s,
+                    m.ELAPSED_S: time.time() - started, m.TIME: time.time(),
+                    m.GRAD_NORM: stats.grad_norm, m.UPDATE_RMS: stats.update_rms, m.WORLD_SIZE: self.dist.world_size,
                 }
                 if self.step % self.cfg.eval_every == 0 or self.step == self.total_steps:
-                    self.last_eval_loss = record["eval_loss"] = self.evaluate()
-                requests = control.pending(self.stage_dir)
+                    self.last_eval_loss = record[m.EVAL_LOSS] = self.evaluate()
+                requests = broadcast_object(self.dist, control.pending(self.stage_dir) if self.dist.is_main else None)
                 if self.step % self.cfg.save_every == 0 or requests:
-                    record["checkpoint"] = str(self.save_checkpoint())
-                    for what in requests:
+                    record[m.CHECKPOINT] = str(self.save_checkpoint())
+                    for what in requests if self.dist.is_main else ():
                         control.clear(self.stage_dir, what)
-                self.metrics.append(record)
+                if self.dist.is_main:
+                    self.metrics.append(record)
                 bar.update(self.step, loss=self.last_loss, eval_loss=self.last_eval_loss, lr=lr)
                 if "stop" in requests:
                     bar.log(f"sft: stopped at step {self.step} on request; resume with --resume")
@@ -285,36 +330,54 @@ class SftStage:
 
     # ------------------------------------------------------------------------------- save
     def save_checkpoint(self) -> Path:
-        from metis_cli.train.checkpoint import save_checkpoint
+        from metis_cli.train.checkpoint import save_checkpoint, save_sharded_checkpoint
         from metis_cli.model.runtime import rng_state
 
+        if self.dist.enabled:
+            state = {"scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+            return save_sharded_checkpoint(self.stage_dir, self.step, self.model, self.optimizer, state, self.dist)
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        if self.weights.has_copies:
+            state["master_weights"] = self.weights.state_dict()
         return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)
 
     def save(self) -> Path:
+        from metis_cli.model.runtime import pick_dtype
         from metis_cli.telemetry.run import mark_done, stage_inputs
-        from metis_cli.train.checkpoint import save_model_folder
+        from metis_cli.train.checkpoint import save_gathered_model_folder, save_model_folder
+        from metis_cli.train.distributed import run_on_main
 
-        final = save_model_folder(self.model, self.tokenizer, self.stage_dir / "final", merge_lora=self.recipe.model.lora.merge)
-        mark_done(self.stage_dir, {"steps": self.step, "loss": self.last_loss, "eval_loss": self.last_eval_loss,
-                                   "dropped_too_long": self.dropped_too_long, "final": str(final),
-                                   "inputs": stage_inputs(self.recipe, "sft")})
+        merge = self.recipe.model.lora.merge
+        if self.dist.enabled:
+            final = save_gathered_model_folder(self.model, self.tokenizer, self.stage_dir / "final", self.dist,
+                                               dtype=pick_dtype(self.recipe.model.dtype, self.device), merge_lora=merge)
+        else:
+            final = save_model_folder(self.model, self.tokenizer, self.stage_dir / "final", merge_lora=merge)
+        run_on_main(self.dist, lambda: mark_done(self.stage_dir, {
+            "steps": self.step, "loss": self.last_loss, "eval_loss": self.last_eval_loss,
+            "dropped_too_long": self.dropped_too_long, "final": str(final), "world_size": self.dist.world_size,
+            "inputs": stage_inputs(self.recipe, "sft")}))
         return final
 
     def cleanup(self) -> None:
         import gc
 
-        for name in ("model", "optimizer", "scheduler"):
+        for name in ("model", "optimizer", "scheduler", "weights"):
             self.__dict__.pop(name, None)
         gc.collect()
 
 
 def run(recipe, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> SftResult:
+    from metis_cli.train.distributed import stop_together, teardown
+
     stage = SftStage(recipe, resume=resume, overwrite=overwrite, quiet=quiet)
     stage.setup()
     try:
-        stage.train()
-        final = stage.save() if not stage.stopped else stage.stage_dir / "final"
-        return SftResult(stage.stage_dir, final, stage.step, stage.last_loss, stage.last_eval_loss, stage.stopped)
+        with stop_together(stage.dist):
+            stage.train()
+            final = stage.save() if not stage.stopped else stage.stage_dir / "final"
+        result = SftResult(stage.stage_dir, final, stage.step, stage.last_loss, stage.last_eval_loss, stage.stopped)
     finally:
         stage.cleanup()
+    teardown()  # only after success: after a failed collective the process just exits
+    return result

@@ -25,7 +25,7 @@ from textual.widgets import Footer, Static
 
 from metis_cli.errors import RunFolderError
 from metis_cli.telemetry import control
-from metis_cli.tui.history import MetricsHistory
+from metis_cli.telemetry.history import MetricsHistory
 from metis_cli.tui.metrics_tail import RolloutBatch
 from metis_cli.tui.rollout_view import RolloutPanel
 from metis_cli.tui.screens import ChoiceScreen, HelpScreen, TrainingExitedScreen

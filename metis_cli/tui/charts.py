@@ -16,7 +16,8 @@ from textual.containers import Vertical
 from textual.content import Content
 from textual_plotext import PlotextPlot
 
-from metis_cli.tui.history import MetricsHistory
+from metis_cli.telemetry.history import MetricsHistory
+from metis_cli.telemetry.metrics import eval_key
 
 RGB = tuple[int, int, int]
 
@@ -101,7 +102,7 @@ class ChartPanel(Vertical, can_focus=True):
                 plt.plot(steps, values, marker="braille", color=line.color, yside=side)
                 (right_values if line.right_axis else left_values).extend(values)
         for subset, color in self._eval_subsets(history):
-            steps, values = history.series(f"eval/{subset}/{self.eval_metric}")
+            steps, values = history.series(eval_key(subset, self.eval_metric))
             if steps:
                 plt.scatter(steps, values, marker="●", color=color, yside="left")
                 left_values.extend(values)
@@ -155,7 +156,7 @@ class ChartPanel(Vertical, can_focus=True):
             parts.append(f"[{hex_color(line.color)}]━[/]{escape(line.label)} [b]{value}[/b]")
         evals = []
         for subset, color in self._eval_subsets(history):
-            value = history.latest_number(f"eval/{subset}/{self.eval_metric}")
+            value = history.latest_number(eval_key(subset, self.eval_metric))
             if value is not None:
                 evals.append(f"[{hex_color(color)}]●[/]{escape(subset)} [b]{format_value(value)}[/b]")
         if evals:

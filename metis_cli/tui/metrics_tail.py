@@ -6,16 +6,18 @@ the next read), skips and counts lines that are not JSON objects, and returns no
 file does not exist yet. `LatestRollouts` reads the newest `rollouts/step_*.jsonl`.
 
 Neither writes anything, and neither may import torch: the dashboard and `metis watch` use them.
+Lines are parsed by `telemetry.metrics.parse_json_lines`, the reader every consumer shares.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from metis_cli.telemetry.metrics import parse_json_lines
 
 # One poll reads at most this much, so attaching to a huge finished run stays responsive.
 MAX_READ_BYTES = 8 * 1024 * 1024
@@ -25,25 +27,6 @@ MAX_READ_BYTES = 8 * 1024 * 1024
 RESCAN_EVERY_S = 5.0
 
 _ROLLOUT_FILE = re.compile(r"^step_(\d+)\.jsonl$")
-
-
-def parse_json_lines(lines: list[bytes]) -> tuple[list[dict], int]:
-    """Parse complete JSONL lines; returns (objects, count of corrupt lines). Blank lines are skipped."""
-    objects: list[dict] = []
-    corrupt = 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-            corrupt += 1
-            continue
-        if isinstance(value, dict):
-            objects.append(value)
-        else:
-            corrupt += 1
-    return objects, corrupt
 
 
 class MetricsTail:

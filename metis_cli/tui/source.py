@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metis_cli.telemetry import metrics as m
 from metis_cli.tui.metrics_tail import LatestRollouts, MetricsTail, RolloutBatch
 
 STAGES = ("hdpo", "sft")  # in order of preference when a run folder holds both
@@ -101,7 +102,7 @@ class StageSource:
             result.reset = True
         if self.stage is None:
             self.stage = next(
-                (record["stage"] for record in result.records if record.get("stage") in STAGES), None
+                (record[m.STAGE] for record in result.records if record.get(m.STAGE) in STAGES), None
             )
         result.rollouts = self._rollouts.poll()
         return result

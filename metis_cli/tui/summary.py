@@ -14,7 +14,8 @@ from pathlib import PurePath
 from rich.text import Text
 
 from metis_cli.tui.charts import format_value
-from metis_cli.tui.history import WARNING_COUNTERS, MetricsHistory
+from metis_cli.telemetry import metrics as m
+from metis_cli.telemetry.history import WARNING_COUNTERS, MetricsHistory
 
 PROGRESS_BAR_CELLS = 12
 
@@ -114,6 +115,10 @@ def status_line(facts: StatusFacts) -> Text:
     return line
 
 
+def _seconds(value: float | None) -> str:
+    return f"{format_value(value)} s" if value is not None else "–"
+
+
 def _rows(pairs: list[tuple[str, str]]) -> list[str]:
     return [f"{label:<11}{value}" for label, value in pairs if value != "–"]
 
@@ -122,26 +127,26 @@ def progress_text(stage: str, history: MetricsHistory) -> Text:
     """The progress panel: pace, ETA, losses, this step's warnings and the latest eval table."""
     number = history.latest_number
     pairs = [
-        ("step time", f"{format_value(number('step_s'))} s" if number("step_s") is not None else "–"),
-        (" rollout", f"{format_value(number('rollout_s'))} s" if number("rollout_s") is not None else "–"),
-        (" update", f"{format_value(number('update_s'))} s" if number("update_s") is not None else "–"),
-        ("tokens/s", format_count(number("tokens_per_s"))),
-        ("elapsed", format_duration(number("elapsed_s"))),
+        ("step time", _seconds(number(m.STEP_S))),
+        (" rollout", _seconds(number(m.ROLLOUT_S))),
+        (" update", _seconds(number(m.UPDATE_S))),
+        ("tokens/s", format_count(number(m.TOKENS_PER_S))),
+        ("elapsed", format_duration(number(m.ELAPSED_S))),
         ("ETA", format_duration(history.eta_s())),
     ]
     if stage == "sft":
         pairs += [
-            ("epoch", format_value(number("epoch"))),
-            ("loss", format_value(number("loss"), 4)),
-            ("eval loss", format_value(number("eval_loss"), 4)),
-            ("lr", f"{number('lr'):.2e}" if number("lr") is not None else "–"),
+            ("epoch", format_value(number(m.EPOCH))),
+            ("loss", format_value(number(m.LOSS), 4)),
+            ("eval loss", format_value(number(m.EVAL_LOSS), 4)),
+            ("lr", f"{number(m.LR):.2e}" if number(m.LR) is not None else "–"),
         ]
     else:
         pairs += [
-            ("loss", format_value(number("loss"), 4)),
-            ("kl", format_value(number("kl"), 4)),
-            ("entropy", format_value(number("entropy"))),
-            ("resp toks", format_value(number("response_tokens_mean"), 0)),
+            ("loss", format_value(number(m.LOSS), 4)),
+            ("kl", format_value(number(m.KL), 4)),
+            ("entropy", format_value(number(m.ENTROPY))),
+            ("resp toks", format_value(number(m.RESPONSE_TOKENS_MEAN), 0)),
         ]
     text = Text("\n".join(_rows(pairs)))
     latest = history.latest_record
@@ -154,8 +159,8 @@ def progress_text(stage: str, history: MetricsHistory) -> Text:
     if subsets:
         text.append(f"\neval @{history.latest_eval_step()}  acc  tools", "bold")
         for subset in subsets:
-            accuracy = format_value(number(f"eval/{subset}/accuracy"))
-            ratio = format_value(number(f"eval/{subset}/tool_call_ratio"))
+            accuracy = format_value(number(m.eval_key(subset, m.ACCURACY)))
+            ratio = format_value(number(m.eval_key(subset, m.TOOL_CALL_RATIO)))
             text.append(f"\n {subset[:8]:<8} {accuracy:>5} {ratio:>5}")
     return text
 

@@ -15,7 +15,8 @@ from textual.markup import escape
 from textual.widgets import Static
 
 from metis_cli.tui.charts import ChartPanel, Line
-from metis_cli.tui.history import MetricsHistory
+from metis_cli.telemetry import metrics as m
+from metis_cli.telemetry.history import MetricsHistory
 from metis_cli.tui.metrics_tail import RolloutBatch
 from metis_cli.tui.rollout_view import RolloutPanel
 from metis_cli.tui.summary import progress_text
@@ -29,21 +30,21 @@ VIOLET = (198, 120, 221)
 GOLD = (229, 192, 123)
 
 TOOL_USE_LINES = [
-    Line("tool_call_ratio", "tool-call ratio", ORANGE),
-    Line("tool_calls_mean", "calls/rollout", SKY, right_axis=True),
+    Line(m.TOOL_CALL_RATIO, "tool-call ratio", ORANGE),
+    Line(m.TOOL_CALLS_MEAN, "calls/rollout", SKY, right_axis=True),
 ]
 ACCURACY_LINES = [
-    Line("accuracy", "acc", GREEN),
-    Line("r_acc_mean", "r_acc", TEAL),
-    Line("adv_acc_nonzero", "A≠0", GREY),
+    Line(m.ACCURACY, "acc", GREEN),
+    Line(m.R_ACC_MEAN, "r_acc", TEAL),
+    Line(m.ADV_ACC_NONZERO, "A≠0", GREY),
 ]
 EFFICIENCY_LINES = [
-    Line("efficiency_group_share", "|Q|≥2", VIOLET),
-    Line("r_tool_mean", "r_tool", GOLD),
-    Line("adv_tool_nonzero", "A≠0", GREY),
+    Line(m.EFFICIENCY_GROUP_SHARE, "|Q|≥2", VIOLET),
+    Line(m.R_TOOL_MEAN, "r_tool", GOLD),
+    Line(m.ADV_TOOL_NONZERO, "A≠0", GREY),
 ]
-LOSS_LINES = [Line("loss", "loss", ORANGE, decimals=4), Line("eval_loss", "eval loss", SKY, decimals=4)]
-LR_LINES = [Line("lr", "lr", GOLD)]
+LOSS_LINES = [Line(m.LOSS, "loss", ORANGE, decimals=4), Line(m.EVAL_LOSS, "eval loss", SKY, decimals=4)]
+LR_LINES = [Line(m.LR, "lr", GOLD)]
 
 
 class ProgressPanel(VerticalScroll, can_focus=True, inherit_bindings=False):
@@ -76,9 +77,9 @@ class HdpoView(Vertical):
     """
 
     def compose(self) -> ComposeResult:
-        yield ChartPanel("tool use", TOOL_USE_LINES, eval_metric="tool_call_ratio", id="tool-use")
+        yield ChartPanel("tool use", TOOL_USE_LINES, eval_metric=m.TOOL_CALL_RATIO, id="tool-use")
         with Horizontal(id="channels"):
-            yield ChartPanel("accuracy channel", ACCURACY_LINES, eval_metric="accuracy", id="accuracy")
+            yield ChartPanel("accuracy channel", ACCURACY_LINES, eval_metric=m.ACCURACY, id="accuracy")
             yield ChartPanel("efficiency channel", EFFICIENCY_LINES, id="efficiency")
         with Horizontal(id="lower"):
             yield ProgressPanel("hdpo", id="progress")

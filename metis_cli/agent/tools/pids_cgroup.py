@@ -16,9 +16,11 @@ import functools
 import itertools
 import os
 import signal
+import time
 from pathlib import Path
 
 _NAMES = itertools.count()
+_REMOVE_ROUNDS, _REMOVE_PAUSE_S = 200, 0.01
 # Joins the cgroup, then becomes the sandbox command: nothing runs outside the cap.
 _JOIN_SCRIPT = 'echo $$ > "$0" && exec "$@"'
 
@@ -97,23 +99,37 @@ class PidsCgroup:
         except (OSError, ValueError):
             return []
 
+    def _kill_round(self) -> bool:
+        """Delete the cgroup if empty (True), else kill what is in it and return False."""
+        members = self._members()
+        if not members:
+            try:
+                self.path.rmdir()
+                return True
+            except OSError:
+                pass  # exiting processes still counted; retry shortly
+        kill_switch = self.path / "cgroup.kill"  # cgroup v2 only
+        if kill_switch.exists():
+            kill_switch.write_text("1")
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return False
+
     async def remove(self) -> None:
         """Kill every process still in the cgroup, then delete it."""
-        kill_switch = self.path / "cgroup.kill"  # cgroup v2 only
-        for _ in range(200):
-            members = self._members()
-            if not members:
-                try:
-                    self.path.rmdir()
-                    return
-                except OSError:
-                    pass  # exiting processes still counted; retry shortly
-            if kill_switch.exists():
-                kill_switch.write_text("1")
-            for pid in members:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            await asyncio.sleep(0.01)
+        for _ in range(_REMOVE_ROUNDS):
+            if self._kill_round():
+                return
+            await asyncio.sleep(_REMOVE_PAUSE_S)
+        raise RuntimeError(f"could not remove sandbox cgroup {self.path}: processes keep running")
+
+    def remove_blocking(self) -> None:
+        """remove() for callers outside an event loop (ending a python session)."""
+        for _ in range(_REMOVE_ROUNDS):
+            if self._kill_round():
+                return
+            time.sleep(_REMOVE_PAUSE_S)
         raise RuntimeError(f"could not remove sandbox cgroup {self.path}: processes keep running")

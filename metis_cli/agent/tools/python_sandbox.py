@@ -7,6 +7,11 @@ bytes, a scrubbed environment and no network. The base interpreter (not the venv
 the isolation is depends on the layer available here (sandbox_isolation.py); the limits are set
 by sandbox_prelude.py inside the sandbox.
 
+With `tools.python.persistent`, the calls of one rollout share one long-lived sandboxed
+interpreter instead (python_session.py), sandboxed the same way; `tools.python.packages` makes
+chosen packages of metis's environment (numpy, PIL, ...) importable read-only. Both are off by
+default: then the tool is exactly the one-call-one-process tool above.
+
 Model mistakes and limit hits come back as error observations, never as exceptions.
 """
 
@@ -14,16 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import tempfile
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from metis_cli.agent.tools.base import ToolErrorKind, ToolResult
 from metis_cli.agent.tools.pids_cgroup import PidsCgroup
-from metis_cli.agent.tools.sandbox_isolation import choose_isolation, scrubbed_env, warn_once
+from metis_cli.agent.tools.python_session import PythonSession
+from metis_cli.agent.tools.sandbox_isolation import (
+    choose_isolation,
+    package_paths,
+    remove_scratch,
+    scrubbed_env,
+    warn_once,
+)
 from metis_cli.agent.tools.sandbox_prelude import CPU_LIMIT_EXIT_STATUS
 
 _PRELUDE_SOURCE = Path(__file__).with_name("sandbox_prelude.py").read_text(encoding="utf-8")
@@ -33,6 +46,7 @@ _OPEN_FILES = 64
 _READ_CHUNK_BYTES = 65536
 # After the code exits, output still in the pipe is read for at most this long.
 _DRAIN_GRACE_S = 0.5
+SESSION_ENDED_NOTE = "(The python session ended: the next call starts a new one, without earlier variables.)"
 
 
 @dataclass(frozen=True)
@@ -124,19 +138,6 @@ async def _run_capped(command: list[str], *, cwd: str, env: dict, limits: Python
     )
 
 
-def _remove_tree(path: str) -> None:
-    """Delete the call's folder even if the code made parts of it read-only."""
-    try:
-        shutil.rmtree(path)
-        return
-    except OSError:
-        pass
-    for root, folders, _ in os.walk(path):
-        for folder in folders:
-            os.chmod(os.path.join(root, folder), 0o700)
-    shutil.rmtree(path)
-
-
 def _signal_of(exit_status: int, launcher_reports_signals: bool) -> int | None:
     """The signal that ended the code, if any (bwrap/unshare report it as 128 + signal)."""
     if exit_status < 0:
@@ -147,31 +148,55 @@ def _signal_of(exit_status: int, launcher_reports_signals: bool) -> int | None:
 
 
 class PythonTool:
-    """Runs Python code in a sandbox; the observation is its combined stdout and stderr."""
+    """Runs Python code in a sandbox; the observation is its combined stdout and stderr.
+
+    persistent: calls made with a `session` key (one per rollout, from the registry) share one
+    interpreter (python_session.py) until `end_session`; calls without one stay one-off.
+    packages: import names made importable read-only from metis's environment (numpy, PIL, ...).
+    """
 
     name = "python"
-    description = (
-        "Run Python 3 code (standard library only) in a sandbox with no network and no files "
-        "outside a scratch folder; returns what the code prints (stdout and stderr). "
-        "Use print() to show results."
-    )
     parameters = {
         "type": "object",
         "properties": {"code": {"type": "string", "description": "A complete Python 3 program."}},
         "required": ["code"],
         "additionalProperties": False,
     }
+    uses_sessions = True
 
-    def __init__(self, limits: PythonLimits | None = None, sandbox: str = "auto"):
+    def __init__(self, limits: PythonLimits | None = None, sandbox: str = "auto", *, persistent: bool = False,
+                 packages: tuple[str, ...] | list[str] = ()):
         self.limits = limits or PythonLimits()
         self.isolation = choose_isolation(sandbox)
+        self.persistent = persistent
+        self.package_names = tuple(packages)
+        self.packages = package_paths(self.package_names)
+        self.description = self._describe()
+        self._sessions: dict = {}
+        self._sessions_lock = threading.Lock()
+        # Sessions still open when metis exits are killed (bwrap's would die with us anyway).
+        weakref.finalize(self, _close_all, self._sessions, self._sessions_lock)
+
+    def _describe(self) -> str:
+        library = "standard library only" if not self.package_names else (
+            f"standard library plus {', '.join(self.package_names)}")
+        if not self.persistent:
+            return (f"Run Python 3 code ({library}) in a sandbox with no network and no files "
+                    "outside a scratch folder; returns what the code prints (stdout and stderr). "
+                    "Use print() to show results.")
+        return (f"Run Python 3 code ({library}) in a sandbox with no network and no files outside a "
+                "scratch folder. Like a notebook: variables, imports and files persist between calls "
+                "while you answer this question; returns what the code prints (stdout and stderr) and "
+                "the value of a final bare expression.")
 
     def _command(self, host_workdir: str) -> list[str]:
-        command, workdir = self.isolation.command(host_workdir)
+        command, workdir = self.isolation.command(host_workdir, self.packages)
         limits = self.limits
+        packages_dir = self.isolation.packages_dir(host_workdir, self.packages)
         return command + [
             "-c", _PRELUDE_SOURCE, f"{workdir}/main.py", str(limits.memory_mb), str(limits.cpu_time_s),
             str(limits.memory_mb * 2**20), str(_OPEN_FILES), str(limits.max_processes + _LAUNCHER_PROCESSES - 1),
+            *([packages_dir] if packages_dir else []),
         ]  # fmt: skip
 
     def _open_cgroup(self) -> PidsCgroup | None:
@@ -183,24 +208,60 @@ class PythonTool:
             warn_once(f"python tool: no pids cgroup ({error}); fork bombs are stopped only by the timeout")
             return None
 
-    async def call(self, arguments: dict) -> ToolResult:
+    async def call(self, arguments: dict, session=None) -> ToolResult:
         started = time.perf_counter()
+        if self.persistent and session is not None:
+            result = await self._call_in_session(arguments["code"], session)
+        else:
+            result = self._observation(await self._run_once(arguments["code"]))
+        result.runtime_s = time.perf_counter() - started
+        return result
+
+    async def _run_once(self, code: str) -> _Run:
         host_workdir = tempfile.mkdtemp(prefix="metis-python-")
         cgroup = None
         try:
-            Path(host_workdir, "main.py").write_text(arguments["code"], encoding="utf-8")
+            Path(host_workdir, "main.py").write_text(code, encoding="utf-8")
             command = self._command(host_workdir)
             cgroup = self._open_cgroup()
             if cgroup is not None:
                 command = cgroup.wrap(command)
-            run = await _run_capped(command, cwd=host_workdir, env=scrubbed_env(host_workdir), limits=self.limits)
+            return await _run_capped(command, cwd=host_workdir, env=scrubbed_env(host_workdir), limits=self.limits)
         finally:
             if cgroup is not None:
                 await cgroup.remove()
-            _remove_tree(host_workdir)
-        result = self._observation(run)
-        result.runtime_s = time.perf_counter() - started
+            remove_scratch(host_workdir)
+
+    def _session(self, key) -> PythonSession:
+        with self._sessions_lock:
+            session = self._sessions.get(key)
+            if session is not None and session.alive:
+                return session
+            session = PythonSession(self.isolation, self.limits, self.packages, ["-c", _PRELUDE_SOURCE],
+                                    launcher_processes=_LAUNCHER_PROCESSES, open_files=_OPEN_FILES,
+                                    cgroup=self._open_cgroup())
+            self._sessions[key] = session
+            return session
+
+    async def _call_in_session(self, code: str, key) -> ToolResult:
+        session = self._session(key)
+        async with session.lock():
+            run = await session.run(code)
+        if not run.ended:
+            return self._observation(_Run(run.output, run.exit_status, False, False))
+        self.end_session(key, session)
+        result = self._observation(_Run(run.output, run.exit_status, run.timed_out, run.overflowed))
+        result.text += f"\n{SESSION_ENDED_NOTE}"
         return result
+
+    def end_session(self, key, session: PythonSession | None = None) -> None:
+        """Kill the session of `key` (a rollout's), if it has one; with `session`, only that one."""
+        with self._sessions_lock:
+            current = self._sessions.get(key)
+            if current is None or (session is not None and current is not session):
+                return
+            del self._sessions[key]
+        current.close()
 
     def _observation(self, run: _Run) -> ToolResult:
         output = run.output.decode("utf-8", errors="replace").rstrip()
@@ -231,3 +292,11 @@ class PythonTool:
         if output:
             return ToolResult(text=output, error=ToolErrorKind.TOOL_ERROR)
         return with_error(ToolErrorKind.TOOL_ERROR, f"the code exited with status {status}")
+
+
+def _close_all(sessions: dict, lock: threading.Lock) -> None:
+    with lock:
+        open_sessions = list(sessions.values())
+        sessions.clear()
+    for session in open_sessions:
+        session.close()

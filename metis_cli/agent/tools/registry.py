@@ -6,6 +6,11 @@ tool's JSON schema, too many calls in the rollout, a call past `timeout_s`, a to
 Calls from many rollouts run concurrently on one event loop; a semaphore (one per event loop)
 keeps at most `max_concurrency` in flight.
 
+Sessions: a call may carry a `session` key (the rollout engine passes one per rollout). Tools
+with per-rollout state (`uses_sessions = True`: the persistent python tool) get it as
+`call(arguments, session=key)`; others never see it. `end_session(key)` releases that state
+when the rollout ends or its run stops; a key never ended keeps its state (and processes) alive.
+
 Must not touch: text parsing (agent/parser.py) or how observations enter the conversation
 (agent/rollout.py).
 """
@@ -17,7 +22,7 @@ import logging
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from metis_cli.agent.parser import ParsedToolCall
 from metis_cli.agent.tools.base import Tool, ToolErrorKind, ToolResult, error_result, tool_spec
@@ -45,10 +50,13 @@ def _build_tool(name: str, tools_cfg: Any) -> Tool:
             output_bytes=python_cfg.output_bytes,
             max_processes=python_cfg.max_processes,
         )
-        return PythonTool(limits, sandbox=python_cfg.sandbox)
+        return PythonTool(limits, sandbox=python_cfg.sandbox, persistent=python_cfg.persistent,
+                          packages=python_cfg.packages)
     if name == "search":
-        from metis_cli.agent.tools.search import SearchTool
+        from metis_cli.agent.tools.search import SearchTool, WebSearchTool
 
+        if tools_cfg.search.backend == "http":
+            return WebSearchTool.from_config(tools_cfg.search)
         return SearchTool.from_file(tools_cfg.search.corpus, top_k=tools_cfg.search.top_k)
     raise ToolConfigError(f"tools.enabled: unknown tool {name!r}; built-in tools are {', '.join(BUILTIN_TOOLS)}")
 
@@ -136,16 +144,19 @@ class ToolRegistry:
             )
         return None
 
-    async def execute(self, call: ParsedToolCall, calls_so_far: int = 0) -> ToolResult:
-        """Run one parsed call; `calls_so_far` counts the rollout's earlier calls. Never raises for model mistakes."""
+    async def execute(self, call: ParsedToolCall, calls_so_far: int = 0, session: Hashable | None = None) -> ToolResult:
+        """Run one parsed call; `calls_so_far` counts the rollout's earlier calls, `session` names
+        the rollout (module docstring). Never raises for model mistakes."""
         refused = self._precheck(call, calls_so_far)
         if refused is not None:
             return refused
         tool = self._tools[call.name]
+        stateful = session is not None and getattr(tool, "uses_sessions", False)
         async with self._semaphore():
             started = time.perf_counter()
             try:
-                result = await asyncio.wait_for(tool.call(call.arguments), self.timeout_s)
+                running = tool.call(call.arguments, session=session) if stateful else tool.call(call.arguments)
+                result = await asyncio.wait_for(running, self.timeout_s)
             except asyncio.TimeoutError:
                 result = error_result(ToolErrorKind.TIMEOUT, f"tool {call.name} timed out after {self.timeout_s:g} s")
             except Exception as error:  # noqa: BLE001 - a broken tool must not stop the batch
@@ -155,13 +166,23 @@ class ToolRegistry:
             result.runtime_s = time.perf_counter() - started
         return result
 
-    def execute_many(self, calls: list[tuple[ParsedToolCall, int]]) -> list[ToolResult]:
-        """Run (call, calls_so_far) pairs concurrently in one event loop; results in input order."""
+    def execute_many(self, calls: list[tuple[ParsedToolCall, int]],
+                     sessions: list[Hashable | None] | None = None) -> list[ToolResult]:
+        """Run (call, calls_so_far) pairs concurrently in one event loop; results in input order.
+        `sessions`, when given, holds each call's session key."""
+        keys = sessions if sessions is not None else [None] * len(calls)
 
         async def run_all() -> list[ToolResult]:
-            return list(await asyncio.gather(*(self.execute(call, so_far) for call, so_far in calls)))
+            return list(await asyncio.gather(*(self.execute(call, so_far, key)
+                                               for (call, so_far), key in zip(calls, keys))))
 
         return _run_coroutine(run_all)
+
+    def end_session(self, session: Hashable) -> None:
+        """Release every tool's state for `session` (a rollout that ended); safe to repeat."""
+        for tool in self._tools.values():
+            if getattr(tool, "uses_sessions", False):
+                tool.end_session(session)
 
 
 def _run_coroutine(make: Callable) -> Any:

@@ -10,6 +10,11 @@ Layers, strongest first (recipe `tools.python.sandbox`: auto picks the first tha
 - none: no namespaces; only resource limits, in-process socket denial and process-group kills.
 Resource limits (sandbox_prelude.py) and the pids cgroup (pids_cgroup.py) apply on every layer.
 
+Packages named in `tools.python.packages` (numpy, PIL, ...) are taken from metis's own
+environment: under bwrap each is bound read-only at /opt/metis-packages/<name>, beside the
+`*.libs` folders of shared libraries that wheels vendor; on the weaker layers a folder of
+symlinks in the call's scratch folder stands in. Nothing else of the environment is visible.
+
 Each layer is probed once per process by running the real interpreter through it; anything
 missing is logged once as a warning that names the fix.
 """
@@ -36,6 +41,8 @@ LAYERS = ("bwrap", "unshare", "none")
 SANDBOX_WORKDIR = "/sandbox"  # where the call's temp folder appears inside bwrap
 INSTALL_BWRAP = "install bubblewrap (Debian/Ubuntu: apt-get install -y bubblewrap)"
 SHM_BYTES = 64 * 2**20
+SANDBOX_PACKAGES = "/opt/metis-packages"  # where exposed packages appear inside bwrap
+_PACKAGES_LINKS = ".metis-packages"  # the symlink folder in the scratch folder on other layers
 _PROBE_TIMEOUT_S = 20.0
 _warned: set[str] = set()
 
@@ -70,7 +77,27 @@ def _hidden_package_dirs() -> list[str]:
     return sorted(path for path in candidates if path and os.path.isdir(path))
 
 
-def bwrap_command(bwrap: str, interpreter: Path, host_workdir: str) -> list[str]:
+def package_paths(names: tuple[str, ...] | list[str]) -> tuple[Path, ...]:
+    """The folders (or one-file modules) of importable packages `names` in metis's environment,
+    plus every `*.libs` folder beside them; ToolConfigError for a name that is not installed."""
+    import importlib.util
+
+    found: list[Path] = []
+    for name in names:
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+        if spec is None or not (spec.submodule_search_locations or spec.origin):
+            raise ToolConfigError(
+                f"tools.python.packages: {name!r} is not importable in metis's environment ({sys.prefix}); "
+                "install it there (pip install ...) or remove it from the list"
+            )
+        locations = list(spec.submodule_search_locations or [])
+        path = Path(locations[0] if locations else spec.origin).resolve()
+        found.append(path)
+        found += sorted(path.parent.glob("*.libs"))
+    return tuple(dict.fromkeys(found))
+
+
+def bwrap_command(bwrap: str, interpreter: Path, host_workdir: str, packages: tuple[Path, ...] = ()) -> list[str]:
     """bubblewrap arguments up to (not including) the interpreter."""
     command = [
         bwrap, "--unshare-all", "--die-with-parent", "--new-session",
@@ -89,6 +116,8 @@ def bwrap_command(bwrap: str, interpreter: Path, host_workdir: str) -> list[str]
             command += ["--ro-bind", path, path]
     for folder in _hidden_package_dirs():
         command += ["--tmpfs", folder, "--remount-ro", folder]
+    for package in packages:
+        command += ["--ro-bind", str(package), f"{SANDBOX_PACKAGES}/{package.name}"]
     command += [
         "--bind", host_workdir, SANDBOX_WORKDIR, "--chdir", SANDBOX_WORKDIR, "--proc", "/proc", "--dev", "/dev",
         # multiprocessing needs a writable /dev/shm; a small bounded one.
@@ -109,6 +138,19 @@ def unshare_command(unshare: str) -> list[str]:
     return command
 
 
+def remove_scratch(path: str) -> None:
+    """Delete a call's (or session's) scratch folder even if the code made parts of it read-only."""
+    try:
+        shutil.rmtree(path)
+        return
+    except OSError:
+        pass
+    for root, folders, _ in os.walk(path):
+        for folder in folders:
+            os.chmod(os.path.join(root, folder), 0o700)
+    shutil.rmtree(path)
+
+
 def scrubbed_env(workdir: str) -> dict[str, str]:
     """The whole environment of a sandboxed process: no tokens, keys or paths of the host."""
     return {"HOME": workdir, "TMPDIR": workdir, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -124,14 +166,27 @@ class Isolation:
     weaknesses: tuple[str, ...] = ()
     pids_cgroup: Path | None = None
 
-    def command(self, host_workdir: str) -> tuple[list[str], str]:
+    def command(self, host_workdir: str, packages: tuple[Path, ...] = ()) -> tuple[list[str], str]:
         """(command up to and including the interpreter's flags, the workdir as the code sees it)."""
         python = [str(self.interpreter), "-I", "-S", "-X", "utf8"]
         if self.layer == "bwrap":
-            return bwrap_command(self.launcher, self.interpreter, host_workdir) + python, SANDBOX_WORKDIR
+            return bwrap_command(self.launcher, self.interpreter, host_workdir, packages) + python, SANDBOX_WORKDIR
         if self.layer == "unshare":
             return unshare_command(self.launcher) + python, host_workdir
         return python, host_workdir
+
+    def packages_dir(self, host_workdir: str, packages: tuple[Path, ...]) -> str:
+        """The folder the code imports `packages` from ("" when there are none); on layers
+        without bwrap, a folder of symlinks made in the scratch folder."""
+        if not packages:
+            return ""
+        if self.layer == "bwrap":
+            return SANDBOX_PACKAGES
+        links = Path(host_workdir, _PACKAGES_LINKS)
+        links.mkdir()
+        for package in packages:
+            (links / package.name).symlink_to(package)
+        return str(links)
 
     def describe(self) -> str:
         text = f"sandbox={self.layer}"

@@ -1,8 +1,10 @@
-"""The dashboard's memory of one stage: metrics.jsonl records merged per step, and what they imply.
+"""One stage's metrics.jsonl records merged per step, and what they imply: what the dashboard
+(`tui/`) and the training curves of `metis eval`'s plot (`evaluation/plot.py`) read.
 
 Records for the same step are merged (an eval line may follow the train line of its step), and a
 step logged again after a resume replaces the earlier values, so charts show one value per step.
-Derived numbers (ETA, warning totals, eval subsets) are computed here, not in widgets.
+Derived numbers (ETA, warning totals, eval subsets) are computed here, not in widgets. Field
+names come from `telemetry.metrics`. Torch-free.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import bisect
 import math
 import statistics
+from pathlib import Path
 from typing import Any, Iterable
+
+from metis_cli.telemetry import metrics as m
 
 # Per-step counters that mean something went wrong; shown as warnings (key -> words for a person).
 WARNING_COUNTERS = {
-    "tool_timeouts": "timeouts",
-    "unscored": "unscored",
-    "tool_errors": "tool errors",
-    "malformed_tool_calls": "malformed",
+    m.TOOL_TIMEOUTS: "timeouts",
+    m.UNSCORED: "unscored",
+    m.TOOL_ERRORS: "tool errors",
+    m.MALFORMED_TOOL_CALLS: "malformed",
 }
 
 # Steps whose timing feeds the ETA: recent enough to follow a slowdown, many enough to be steady.
@@ -48,7 +53,7 @@ class MetricsHistory:
         """Merge records in; returns how many had a usable step."""
         added = 0
         for record in records:
-            step = record.get("step")
+            step = record.get(m.STEP)
             if isinstance(step, bool) or not isinstance(step, int):
                 self.records_without_step += 1
                 continue
@@ -62,9 +67,7 @@ class MetricsHistory:
                 self._extend_columns(step, record)
             else:
                 self._columns.clear()
-            self._eval_subsets.update(
-                key.split("/")[1] for key in record if key.startswith("eval/") and key.count("/") >= 2
-            )
+            self._eval_subsets.update(split[0] for split in map(m.split_eval_key, record) if split is not None)
             added += 1
         return added
 
@@ -126,12 +129,12 @@ class MetricsHistory:
 
     @property
     def total_steps(self) -> int | None:
-        number = self.latest_number("total_steps")
+        number = self.latest_number(m.TOTAL_STEPS)
         return int(number) if number is not None else None
 
     @property
     def last_checkpoint(self) -> str | None:
-        value = self.latest("checkpoint")
+        value = self.latest(m.CHECKPOINT)
         return str(value) if value else None
 
     def total(self, key: str) -> float:
@@ -149,17 +152,17 @@ class MetricsHistory:
 
     def latest_eval_step(self) -> int | None:
         for step in reversed(self._steps):
-            if any(key.startswith("eval/") for key in self._by_step[step]):
+            if any(m.split_eval_key(key) is not None for key in self._by_step[step]):
                 return step
         return None
 
     def seconds_per_step(self) -> float | None:
         """Median step time over the recent window: logged `step_s`, else gaps between `time`s."""
         recent = self._steps[-ETA_WINDOW_STEPS:]
-        logged = [as_number(self._by_step[step].get("step_s")) for step in recent]
+        logged = [as_number(self._by_step[step].get(m.STEP_S)) for step in recent]
         durations = [seconds for seconds in logged if seconds is not None and seconds > 0]
         if not durations:
-            timed = [(step, as_number(self._by_step[step].get("time"))) for step in recent]
+            timed = [(step, as_number(self._by_step[step].get(m.TIME))) for step in recent]
             timed = [(step, at) for step, at in timed if at is not None]
             durations = [
                 (later_at - earlier_at) / (later_step - earlier_step)
@@ -179,6 +182,13 @@ class MetricsHistory:
     def reached_total(self) -> bool:
         total, step = self.total_steps, self.latest_step
         return total is not None and step is not None and step >= total
+
+
+def load_history(metrics_path: Path) -> MetricsHistory:
+    """A MetricsHistory of one metrics.jsonl file; corrupt lines are skipped."""
+    history = MetricsHistory()
+    history.add(m.read_metrics(metrics_path))
+    return history
 
 
 def _bucket_means(values: list[float], buckets: int) -> list[float]:

@@ -1,0 +1,109 @@
+"""The typed ends of one RL step: `scored_batch` (rollouts and their scores -> `algo.types.ScoredBatch`)
+and `StepMetrics` (everything the step logs -> one metrics.jsonl record).
+
+`StepMetrics.to_record()` writes only names that `telemetry.metrics` defines (a test checks), in
+the groups docs/metrics.md lists: the step's rollouts and rewards, the advantages, the update
+(absent when nothing was trained), timing, and the held-out eval and checkpoint when the step had
+them. Must not touch: models, optimizers, files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from metis_cli.algo.advantages import advantage_stats, efficiency_group_share
+from metis_cli.algo.types import Advantages, ScoredBatch
+from metis_cli.rewards.batch import RolloutFigures
+from metis_cli.stages.hdpo_update import UpdateFigures
+from metis_cli.telemetry import metrics as m
+
+
+def scored_batch(rollouts, scores) -> ScoredBatch:
+    """The ScoredBatch of rollouts and their RolloutScores (same order); keep = scored."""
+    scored = torch.tensor([s.correct is not None for s in scores])
+    return ScoredBatch(
+        r_acc=torch.tensor([s.r_acc if s.r_acc is not None else 0.0 for s in scores]),
+        r_tool=torch.tensor([s.r_tool if s.r_tool is not None else 0.0 for s in scores]),
+        scored=scored,
+        group_ids=torch.tensor([r.prompt_index for r in rollouts]),
+        tool_calls=torch.tensor([float(r.tool_calls) for r in rollouts]),
+        keep=scored.clone(),
+    )
+
+
+@dataclass
+class StepMetrics:
+    """One hdpo step as logged. Field names are metrics.jsonl names (docs/metrics.md)."""
+
+    step: int
+    total_steps: int
+    estimator: str
+    rollouts: RolloutFigures  # the step's N rollouts (rewards/batch.py::rollout_figures)
+    r_acc_mean: float | None  # over scored rollouts; None when none is scored
+    r_tool_mean: float | None
+    efficiency_group_share: float
+    rollouts_trained: int
+    adv_acc: dict[str, float]  # algo.advantages.advantage_stats over scored rollouts
+    adv_tool: dict[str, float] | None  # None without an efficiency channel
+    update: UpdateFigures | None  # None when no rollout was kept
+    rollout_s: float
+    update_s: float
+    step_s: float
+    elapsed_s: float
+    lr: float
+    time: float = field(default_factory=time.time)
+    eval: dict[str, float | None] = field(default_factory=dict)  # eval/<subset>/<figure>, on eval steps
+    checkpoint: str | None = None
+
+    @classmethod
+    def measure(cls, batch: ScoredBatch, advantages: Advantages, rollouts: RolloutFigures, **rest) -> StepMetrics:
+        """The reward and advantage figures of `batch`; the rest (step, timing, update...) as given."""
+        scored = batch.scored
+        any_scored = bool(scored.any())
+        return cls(
+            rollouts=rollouts,
+            r_acc_mean=float(batch.r_acc[scored].mean()) if any_scored else None,
+            r_tool_mean=float(batch.r_tool[scored].mean()) if any_scored else None,
+            efficiency_group_share=efficiency_group_share(batch.r_tool, batch.group_ids, scored=scored),
+            rollouts_trained=int(batch.keep.sum()),
+            adv_acc=advantage_stats(advantages.acc[scored]),
+            adv_tool=advantage_stats(advantages.tool[scored]) if advantages.tool is not None else None,
+            **rest,
+        )
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.rollouts.generated_tokens / max(self.rollout_s, 1e-9)
+
+    def to_record(self) -> dict:
+        """The metrics.jsonl line of this step (None is written as null)."""
+        figures = asdict(self.rollouts)
+        del figures["rollouts"]  # N is prompts_per_step * group_size, known from the recipe
+        record = {
+            m.STAGE: "hdpo", m.STEP: self.step, m.TOTAL_STEPS: self.total_steps, m.TIME: self.time,
+            m.ESTIMATOR: self.estimator, **figures,
+            m.R_ACC_MEAN: self.r_acc_mean, m.R_TOOL_MEAN: self.r_tool_mean,
+            m.EFFICIENCY_GROUP_SHARE: self.efficiency_group_share, m.ROLLOUTS_TRAINED: self.rollouts_trained,
+        }
+        for channel, stats in (("adv_acc", self.adv_acc), ("adv_tool", self.adv_tool)):
+            if stats is not None:
+                record.update({f"{channel}_{name}": value for name, value in stats.items()})
+        if self.update is not None:
+            record.update(asdict(self.update))
+        record.update({
+            m.ROLLOUT_S: self.rollout_s, m.UPDATE_S: self.update_s, m.STEP_S: self.step_s,
+            m.ELAPSED_S: self.elapsed_s, m.LR: self.lr, m.TOKENS_PER_S: self.tokens_per_s,
+            **self.eval,
+        })
+        if self.checkpoint is not None:
+            record[m.CHECKPOINT] = self.checkpoint
+        return record
+
+
+def eval_figures(summary: dict[str, dict]) -> dict[str, float | None]:
+    """The `eval/<subset>/<figure>` entries of a `rewards.batch.subset_summary`."""
+    return {m.eval_key(subset, figure.name): figures[figure.name]
+            for subset, figures in summary.items() for figure in m.EVAL_FIGURES}

@@ -1,0 +1,140 @@
+"""The policy update of one RL step: PPO-clip over the kept rollouts, micro-batched by prompt.
+
+`policy_update` collates the kept rollouts, runs `ppo_epochs` optimizer steps over them and
+returns the figures metrics.jsonl logs (`UpdateFigures`). The loss is `algo.losses.hdpo_loss`
+with batch-wide token denominators, so splitting the batch into micro-batches leaves it unchanged
+(docs/rl-step.md, step 5). Old log-probs are the trainer's own: with one PPO epoch they are the
+current log-probs detached (ratio 1); with more, they are computed once before the first epoch.
+
+Must not touch: sampling, rewards, advantages, weight sync to the backend (the stage does that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metis_cli.agent.rollout import Rollout, RolloutBatch
+from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean
+from metis_cli.algo.types import Advantages
+from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt
+
+
+@dataclass
+class UpdateFigures:
+    """What one update logs (metrics.jsonl names; docs/metrics.md).
+
+    loss, loss_acc, loss_tool: sums over the micro-batches of the first PPO epoch, which with
+        batch-wide denominators are the batch's losses;
+    clip_frac_acc, clip_frac_tool, entropy, logprob_mismatch: first epoch, each micro-batch
+        weighted by its share of the batch's trained tokens;
+    kl: the same token-share weighting, averaged over all PPO epochs (0 without a reference).
+    """
+
+    loss: float = 0.0
+    loss_acc: float = 0.0
+    loss_tool: float = 0.0
+    clip_frac_acc: float = 0.0
+    clip_frac_tool: float = 0.0
+    kl: float = 0.0
+    entropy: float = 0.0
+    logprob_mismatch: float = 0.0
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The rows of the collated batch that go through one forward/backward, trimmed to their
+    longest row and moved to the training device. K = rows, W = that longest length."""
+
+    input_ids: Tensor  # [K, W] long
+    attention_mask: Tensor  # [K, W] long
+    prompt_lens: Tensor  # [K] long, tokens before the first generated one
+    loss_mask: Tensor  # [K, W] float, 1.0 on sampled tokens
+    sampler_logprobs: Tensor  # [K, W] float
+    a_acc: Tensor  # [K]
+    a_tool: Tensor | None  # [K], or None without an efficiency channel
+
+    def logprobs(self, policy, temperature: float, with_entropy: bool = False):
+        """(token log-probs [K, W], entropy [K, W] or None) of `policy` on these rows."""
+        return grouped_token_logprobs(policy, self.input_ids, self.attention_mask, self.prompt_lens,
+                                      temperature=temperature, with_entropy=with_entropy)
+
+
+def micro_batches(kept: list[Rollout], advantages: Advantages, size: int, *, pad_token_id: int,
+                  device) -> list[MicroBatch]:
+    """The kept rollouts collated and cut into micro-batches of at most `size` rollouts that hold
+    whole groups, so each prompt runs once per micro-batch and its KV cache serves all of the
+    group's rollouts (`train.logprobs.micro_batches_by_prompt`)."""
+    batch = RolloutBatch.from_rollouts(kept, pad_token_id)
+    prompt_lens = torch.tensor([r.prompt_len for r in kept])
+    lengths = batch.attention_mask.sum(1)
+    chunks = []
+    for rows in micro_batches_by_prompt(batch.group_ids, lengths, size):
+        width = int(lengths[rows].max())
+
+        def cut(tensor: Tensor) -> Tensor:
+            return (tensor[rows, :width] if tensor.dim() == 2 else tensor[rows]).to(device)
+
+        chunks.append(MicroBatch(
+            cut(batch.input_ids), cut(batch.attention_mask), cut(prompt_lens), cut(batch.loss_mask),
+            cut(batch.sampler_logprobs), cut(advantages.acc),
+            cut(advantages.tool) if advantages.tool is not None else None,
+        ))
+    return chunks
+
+
+def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages, cfg, *, pad_token_id: int,
+                  temperature: float, device, reference=None) -> UpdateFigures:
+    """`cfg.ppo_epochs` PPO-clip optimizer steps on the `kept` rollouts (at least one).
+
+    Args:
+        model: the policy (trained in place); optimizer: its optimizer.
+        kept: the rollouts to train on; `advantages` holds one [K] entry per kept rollout.
+        cfg: the recipe's `hdpo` section (w_acc, w_tool, clip_eps, kl_coef, ppo_epochs,
+            micro_batch_size, grad_clip).
+        temperature: the sampling temperature (log-probs are of the temperature-scaled policy).
+        reference: the frozen initial policy for the k3 KL term, or None (no KL).
+    """
+    chunks = micro_batches(kept, advantages, cfg.micro_batch_size, pad_token_id=pad_token_id, device=device)
+    two_channels = advantages.tool is not None
+    # Batch-wide token totals: the micro-batch losses then sum to the batch loss.
+    acc_total = float(sum(float(c.loss_mask.sum()) for c in chunks))
+    tool_total = (float(sum(float(c.loss_mask[c.a_tool != 0].sum()) for c in chunks)) if two_channels else None)
+    old_logp = None
+    if cfg.ppo_epochs > 1:
+        with torch.no_grad():
+            old_logp = [chunk.logprobs(model, temperature)[0] for chunk in chunks]
+    figures = UpdateFigures()
+    for epoch in range(cfg.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for number, chunk in enumerate(chunks):
+            logp, entropy = chunk.logprobs(model, temperature, with_entropy=epoch == 0)
+            old = old_logp[number] if old_logp is not None else logp.detach()
+            parts = hdpo_loss(
+                logp, old, chunk.loss_mask, chunk.a_acc, chunk.a_tool,
+                cfg.w_acc, cfg.w_tool if two_channels else 0.0, cfg.clip_eps,
+                acc_token_total=acc_total, tool_token_total=tool_total or None,
+            )
+            loss = parts.loss
+            share = float(chunk.loss_mask.sum()) / max(acc_total, 1.0)
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logp, _ = chunk.logprobs(reference, temperature)
+                kl = kl_k3(logp, ref_logp, chunk.loss_mask)
+                loss = loss + cfg.kl_coef * kl * share
+                figures.kl += float(kl.detach()) * share / cfg.ppo_epochs
+            loss.backward()
+            if epoch == 0:
+                figures.loss += float(parts.loss.detach())
+                figures.loss_acc += float(parts.loss_acc)
+                figures.loss_tool += float(parts.loss_tool)
+                figures.clip_frac_acc += parts.clip_frac_acc * share
+                figures.clip_frac_tool += parts.clip_frac_tool * share
+                figures.entropy += float(masked_mean(entropy, chunk.loss_mask)) * share
+                mismatch = (logp.detach() - chunk.sampler_logprobs).abs()
+                figures.logprob_mismatch += float(masked_mean(mismatch, chunk.loss_mask)) * share
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+    return figures

@@ -1,0 +1,247 @@
+"""Training on several processes, for real, on CPU with gloo: `metis sft --nproc-per-node 2`
+trains and writes one metrics row per step and one HF folder; one update on 2 processes equals
+the update on 1; fp32 master weights keep updates a bf16 weight would round away; a killed rank
+stops the job fast and `--resume` continues it. Plus the launch flags' checks (no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from metis_cli.cli.launch import Launch, describe_failure
+from metis_cli.cli.main import app
+from test_training import cli, read_metrics, small_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+slow = pytest.mark.slow
+
+
+def metis(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "metis_cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_step_overrides(run_dir: Path, **extra: str) -> list[str]:
+    """One optimizer step on 24 fixed knowledge examples: 2 micro-batches of 12."""
+    settings = {"run.output_dir": str(run_dir), "run.threads": "1", "data.synthetic.knowledge_examples": "64",
+                "sft.phases": '[{data: [{path: "synthetic:knowledge", limit: 24}], epochs: 1}]',
+                "sft.batch_size": "12", "sft.grad_accum": "2", "sft.eval_share": "0", **extra}
+    return cli([f"{key}={value}" for key, value in settings.items()])
+
+
+@pytest.fixture(scope="module")
+def two_process_sft(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dist")
+    result = metis("sft", "recipes/tiny.yaml", "--nproc-per-node", "2", *cli(small_overrides(run_dir)))
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+@slow
+def test_two_processes_train_with_one_metrics_row_per_step(two_process_sft, parameters_left_unchanged):
+    run_dir, result = two_process_sft
+    records = read_metrics(run_dir / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, records[-1]["total_steps"] + 1))
+    assert all(r["world_size"] == 2 and r["grad_norm"] > 0 and r["update_rms"] > 0 for r in records)
+    assert any("eval_loss" in r for r in records)
+    assert result.stdout.count("sft: ") == 1, result.stdout  # rank 0 reports, rank 1 stays silent
+    checkpoints = sorted((run_dir / "sft" / "checkpoints").glob("step_*"))
+    assert checkpoints and all((c / ".metadata").exists() for c in checkpoints)  # sharded
+    assert not parameters_left_unchanged(run_dir / "base", run_dir / "sft" / "final")
+
+
+@slow
+def test_one_update_on_two_processes_equals_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    finals, records = [], []
+    for processes in ("1", "2"):
+        run_dir = tmp_path / processes
+        result = metis("sft", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", processes,
+                       *one_step_overrides(run_dir))
+        assert result.returncode == 0, result.stderr
+        records += read_metrics(run_dir / "sft" / "metrics.jsonl")
+        finals.append(load_file(run_dir / "sft" / "final" / "model.safetensors"))
+    one, two = finals
+    assert one.keys() == two.keys() and len(records) == 2
+    assert abs(records[0]["loss"] - records[1]["loss"]) < 1e-5
+    # Adam and clipping hide a gradient off by a constant factor; the norm before clipping does not
+    assert abs(records[0]["grad_norm"] - records[1]["grad_norm"]) < 1e-5 * records[0]["grad_norm"]
+    worst = max(float((one[name] - two[name]).abs().max()) for name in one)
+    assert worst < 1e-5, worst
+    base = load_file(tmp_path / "1" / "base" / "model.safetensors")
+    assert min(float((one[name] - base[name]).abs().max()) for name in one) > 1e-4  # the update is real
+
+
+def test_fp32_masters_keep_updates_that_bf16_weights_round_away(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from metis_cli.train.optimizer import MasterWeights
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (4, 24))
+
+    def one_step(use_masters: bool) -> tuple[float, float]:
+        """(share of the weights with a gradient that moved, update_rms of the masters or None)."""
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+        if use_masters:
+            weights = MasterWeights(model, lr=1e-6, weight_decay=0.0)
+            tracked = weights.masters
+        else:
+            tracked = list(model.parameters())
+            optimizer = torch.optim.AdamW(tracked, lr=1e-6)
+        before = [t.detach().clone() for t in tracked]
+        model(input_ids=ids, labels=ids).loss.backward()
+        with_grad = [p.grad is not None and p.grad.ne(0) for p in model.parameters()]
+        if use_masters:
+            rms = weights.step(grad_clip=1.0).update_rms
+        else:
+            optimizer.step()
+            rms = None
+        moved = sum(int((t.detach().ne(b) & g).sum()) for t, b, g in zip(tracked, before, with_grad))
+        return moved / sum(int(g.sum()) for g in with_grad), rms
+
+    masters_moved, update_rms = one_step(use_masters=True)
+    plain_moved, _ = one_step(use_masters=False)
+    assert masters_moved > 0.99 and 0.5e-6 < update_rms < 2e-6  # Adam's first step: about lr per weight
+    assert plain_moved < 0.1, plain_moved  # in bf16 at least 90% of the update rounds away
+
+
+@slow
+def test_bf16_under_fsdp_updates_fp32_masters(tmp_path):
+    result = metis("sft", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
+                   *one_step_overrides(tmp_path, **{"model.dtype": "bfloat16", "sft.lr": "1e-6",
+                                                    "run.distributed.gradient_checkpointing": "true"}))
+    assert result.returncode == 0, result.stderr
+    (record,) = read_metrics(tmp_path / "sft" / "metrics.jsonl")
+    assert 0.5e-6 < record["update_rms"] < 2e-6
+    config = json.loads((tmp_path / "sft" / "final" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+
+
+@slow
+def test_lora_under_fsdp_saves_a_trained_adapter(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    result = metis("sft", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
+                   *one_step_overrides(tmp_path, **{"model.lora.enabled": "true"}))
+    assert result.returncode == 0, result.stderr
+    final = tmp_path / "sft" / "final"
+    adapter = load_file(final / "adapter_model.safetensors")
+    lora_b = [name for name in adapter if "lora_B" in name]
+    assert lora_b and all(".default." not in name for name in adapter)  # peft's on-disk names
+    assert all(adapter[name].abs().max() > 0 for name in lora_b)  # B starts at zero: every one trained
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), final)
+
+
+@slow
+def test_shared_prompt_logprobs_under_fsdp(tiny_model_dir):
+    # hdpo's update: each rank holds whole groups and runs each prompt once (KV reuse)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(REPO / "tests" / "fsdp_logprobs_worker.py"), str(tiny_model_dir)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    worst = float(result.stdout.split("worst gradient difference")[1])
+    assert worst < 1e-5
+
+
+def _worker_pids(launcher: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split()
+    return sorted(int(pid) for pid in found)
+
+
+@slow
+def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
+    overrides = cli(small_overrides(tmp_path, **{"sft.batch_size": "8", "sft.eval_every": "100"}))
+    command = [sys.executable, "-m", "metis_cli", "sft", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
+               *overrides]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sft" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.1)
+    workers = _worker_pids(launcher.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    killed_at = time.time()
+    _, stderr = launcher.communicate(timeout=90)
+    assert launcher.returncode != 0
+    assert time.time() - killed_at < 60
+    assert "killed by SIGKILL" in stderr and "--resume" in stderr, stderr
+    done = len(read_metrics(metrics))
+    total = read_metrics(metrics)[0]["total_steps"]
+    assert done < total, "the run finished before the kill: nothing was tested"
+
+    one_process = metis("sft", "recipes/tiny.yaml", "--resume", *overrides)
+    assert one_process.returncode == 2 and "several processes" in one_process.stderr
+
+    resumed = metis("sft", "recipes/tiny.yaml", "--resume", "--quiet", "--nproc-per-node", "2", *overrides)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, total + 1))  # none lost or repeated
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
+
+
+# ------------------------------------------------------------------------------ launch flags
+def test_launch_flags_become_torchrun_arguments():
+    assert Launch(nproc_per_node=4).torchrun_args() == ["--standalone", "--nproc-per-node", "4"]
+    assert Launch(8, nnodes=2, node_rank=1, master_addr="node0", master_port=29600).torchrun_args() == [
+        "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1", "--master-addr", "node0",
+        "--master-port", "29600"]
+    assert not Launch().wanted
+
+
+@pytest.mark.parametrize("launch, message", [
+    (Launch(8, nnodes=2), "needs --master-addr"),
+    (Launch(8, nnodes=2, node_rank=2, master_addr="node0"), "not below --nnodes"),
+])
+def test_bad_launch_flags_are_user_errors(launch, message):
+    from metis_cli.errors import MetisError
+
+    with pytest.raises(MetisError, match=message):
+        launch.check()
+
+
+def test_launch_flags_under_torchrun_are_refused(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["sft", "recipes/tiny.yaml", "--nproc-per-node", "2"])
+    assert result.exit_code == 2 and "already runs under torchrun" in result.output
+
+
+def test_failure_summary_names_the_rank_that_died_not_the_ones_stopped():
+    def failure(exitcode, timestamp, local_rank, pid):
+        name = {-9: "SIGKILL", -15: "SIGTERM"}.get(exitcode, "")
+        return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, local_rank=local_rank, pid=pid,
+                               signal_name=lambda: name)
+
+    # torchrun records the rank it stopped (SIGTERM) at the same moment as the one that died
+    line = describe_failure({0: failure(-15, 100, 0, 11), 1: failure(-9, 100, 1, 12)})
+    assert line.startswith("rank 1 (local rank 1, pid 12) was killed by SIGKILL; ranks [0] stopped after it")
+    assert "exited with code 1" in describe_failure({3: failure(1, 5, 1, 40)})
+
+
+def test_a_failed_collective_says_a_partner_rank_is_gone():
+    from metis_cli.train.distributed import DistributedContext, DistributedError, stop_together
+
+    two_ranks = DistributedContext(rank=1, world_size=2)
+    with pytest.raises(DistributedError, match=r"rank 1: a collective .*Connection closed by peer.*--resume"):
+        with stop_together(two_ranks):
+            raise RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else stays what it is
+        with stop_together(two_ranks):
+            raise RuntimeError("a bug")
