@@ -43,3 +43,7 @@ class ToolConfigError(MetisError):
 
 class RunFolderError(MetisError):
     """The run folder is in a state the command refuses to touch (e.g. a finished run)."""
+
+
+class HubError(MetisError):
+    """The Hugging Face Hub cannot be reached, or refuses the token or the repo (`metis push`)."""

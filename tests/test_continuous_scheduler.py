@@ -246,3 +246,47 @@ def test_a_backend_that_loses_requests_is_an_error_not_a_hang(tiny_tokenizer):
     with pytest.raises(RuntimeError, match="lost"):
         make_engine(tiny_tokenizer, backend, GatedCalculator(backend)).run(prompts("2 * 3", "8 * 9"), 1)
     assert backend.cancels == 1 and backend.pending == 0
+
+
+class SessionRecordingCalculator(CalculatorTool):
+    """A calculator with per-rollout sessions (like the persistent python tool) that records the
+    session key of every call and every end_session, in order."""
+
+    uses_sessions = True
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[str, object]] = []
+
+    async def call(self, arguments, session=None):
+        self.events.append(("call", session))
+        return await super().call(arguments)
+
+    def end_session(self, session):
+        self.events.append(("end", session))
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_tool_sessions_are_one_per_rollout_and_end_with_it(tiny_tokenizer, continuous):
+    backend = ScriptedContinuousBackend(tiny_tokenizer)
+    tool = SessionRecordingCalculator()
+    rollouts = make_engine(tiny_tokenizer, backend, tool, continuous=continuous).run(prompts(*EXPRESSIONS), 2)
+    events = tool.events
+    for rollout in rollouts:
+        key = id(rollout)
+        calls = [i for i, event in enumerate(events) if event == ("call", key)]
+        assert len(calls) == rollout.tool_calls - rollout.tool_errors.get("malformed", 0)
+        ends = [i for i, event in enumerate(events) if event == ("end", key)]
+        assert ends and all(call < ends[0] for call in calls), "a session ended before its rollout's last call"
+    assert {key for kind, key in events} == {id(r) for r in rollouts}
+
+
+def test_a_run_stopped_half_way_ends_every_tool_session(tiny_tokenizer):
+    backend = ScriptedContinuousBackend(tiny_tokenizer)
+    tool = SessionRecordingCalculator()
+    engine = make_engine(tiny_tokenizer, backend, tool)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(prompts(*EXPRESSIONS), 2, listener=StopAtTurn("3 * 4", 2))
+    started = {key for kind, key in tool.events if kind == "call"}
+    ended = {key for kind, key in tool.events if kind == "end"}
+    assert started and started <= ended

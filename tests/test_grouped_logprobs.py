@@ -16,6 +16,7 @@ from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean
 from metis_cli.algo.types import Advantages
 from metis_cli.recipe.load import load_recipe
 from metis_cli.stages.hdpo_update import policy_update
+from metis_cli.train.optimizer import MasterWeights
 from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt, token_logprobs
 from metis_cli.model.tiny import build_tiny_model
 
@@ -153,7 +154,7 @@ def test_hdpo_update_gives_the_full_batch_gradient_and_figures(model_dir, ppo_ep
             p.add_(0.01 * torch.randn_like(p))
     recipe = load_recipe(TINY_RECIPE, [
         f"hdpo.ppo_epochs={ppo_epochs}", f"hdpo.kl_coef={kl_coef}", "hdpo.micro_batch_size=3", "hdpo.grad_clip=1e9"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put: the last grads are comparable
+    optimizer = MasterWeights(model, lr=0.0, weight_decay=0.0)  # weights stay put: the last grads are comparable
     rollouts = make_rollouts(model.config.vocab_size)
     a_acc = torch.tensor([1.0, -0.5, -0.5, 0.7, -0.7, 1.2, 0.0, -1.2])
     a_tool = torch.tensor([0.8, -0.8, 0.0, 0.0, 0.0, 0.5, 0.0, -0.5])

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
+from local_http import LocalJSONServer, scripted
 
 from metis_cli.data.datasets import Example
 from metis_cli.errors import MetisError
@@ -16,62 +14,28 @@ from metis_cli.rewards.batch import build_checker, score_rollouts
 from metis_cli.rewards.judge import CONTRACTS, OpenAIJudge, parse_verdict
 
 
-class ScriptedServer:
-    """Answers POST /v1/chat/completions from a script of (status, reply text) pairs.
-
-    The last entry repeats once the script runs out. Every request body is recorded.
-    """
+class ScriptedServer(LocalJSONServer):
+    """An OpenAI-compatible /v1/chat/completions endpoint answering from a script of (status,
+    reply text) pairs (the last repeats), or from reply_for(request body) -> (status, text)."""
 
     def __init__(self, script: list[tuple[int, str]], reply_for=None):
-        """reply_for(request body) -> (status, text), when given, answers instead of the script."""
-        self.script = list(script)
-        self.requests: list[dict] = []
-        server = self
+        next_reply = scripted(script) if reply_for is None else None
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                server.requests.append({"path": self.path, "body": json.loads(body)})
-                if reply_for is not None:
-                    status, text = reply_for(server.requests[-1]["body"])
-                else:
-                    status, text = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                if status == 200:
-                    payload = {
-                        "id": "chatcmpl-test", "object": "chat.completion", "created": 0,
-                        "model": "judge",
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                    }
-                else:
-                    payload = {"error": {"message": text, "type": "server_error"}}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        def respond(request):
+            status, text = reply_for(request["body"]) if reply_for is not None else next_reply(request)
+            if status != 200:
+                return status, {"error": {"message": text, "type": "server_error"}}
+            return 200, {
+                "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": "judge",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
 
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
+        super().__init__(respond)
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return f"{self.address}/v1"
 
 
 def judge_for(server: ScriptedServer, max_retries: int = 3) -> OpenAIJudge:

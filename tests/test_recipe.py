@@ -55,6 +55,12 @@ def test_paper_settings_in_8b_recipe(monkeypatch):
     assert (h.group_size, h.w_acc, h.w_tool, h.lr, h.kl_coef) == (16, 1.0, 0.15, 1e-6, 0.0)
     assert recipe.rollout.max_turns == 10 and recipe.rollout.temperature == 1.0
     assert set(recipe.tools.enabled) == {"python", "search"} and recipe.reward.judge is not None
+    # the official code's reward, judge and tool contracts (issue 14)
+    assert (recipe.reward.format, recipe.reward.answer_position, recipe.reward.judge.contract) == ("reason", "first", "official")
+    assert recipe.reward.judge.max_retries is None  # the contract's 2 attempts
+    assert recipe.tools.python.persistent and recipe.tools.python.wall_timeout_s == 20
+    assert {"numpy", "PIL", "matplotlib"} <= set(recipe.tools.python.packages)
+    assert (recipe.tools.search.backend, recipe.tools.search.top_k) == ("http", 10)
 
 
 def _write(tmp_path: Path, text: str | bytes, name: str = "r.yaml") -> Path:

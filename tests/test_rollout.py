@@ -76,7 +76,10 @@ class ScriptedCalculator:
     def names(self):
         return ["calculator"]
 
-    def execute_many(self, requests):
+    def end_session(self, session):
+        pass
+
+    def execute_many(self, requests, sessions=None):
         self.batches.append(len(requests))
         results = []
         for call, calls_so_far in requests:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from local_http import LocalJSONServer, scripted
 
 from metis_cli.agent.parser import ParsedToolCall
 from metis_cli.agent.tools import ToolErrorKind, ToolRegistry
@@ -23,47 +22,25 @@ def organic(n: int) -> list[dict]:
              "position": i} for i in range(1, n + 1)]
 
 
-class SerperLike:
-    """Answers POST /search from a script of (status, body) pairs (the last repeats); a `delay_s`
-    entry as status sleeps before answering 200. Records every request's headers and body."""
+class SerperLike(LocalJSONServer):
+    """A Serper-style /search endpoint answering from a script of (status, body) pairs (the last
+    repeats); a float status means: wait that many seconds, then answer 200."""
 
     def __init__(self, script: list[tuple]):
-        self.script = list(script)
-        self.requests: list[dict] = []
-        server = self
+        next_reply = scripted(script)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status, payload = server.script.pop(0) if len(server.script) > 1 else server.script[0]
-                if isinstance(status, float):
-                    threading.Event().wait(status)
-                    status = 200
-                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        def respond(request):
+            status, payload = next_reply(request)
+            if isinstance(status, float):
+                threading.Event().wait(status)
+                status = 200
+            return status, payload
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+        super().__init__(respond)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/search"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        return f"{self.address}/search"
 
 
 def search(tool: WebSearchTool, query: str):

@@ -109,10 +109,15 @@ class RolloutEngine:
                 rollout._turn_start = text
                 rollouts.append(rollout)
         active = [r for r in rollouts if not run.out_of_room(r)]
-        if self.continuous and isinstance(self.backend, ContinuousBackend):
-            self._scheduler.run(run, rollouts, active, seed, on_progress)
-        else:
-            self._run_waves(run, rollouts, active, seed, on_progress)
+        try:
+            if self.continuous and isinstance(self.backend, ContinuousBackend):
+                self._scheduler.run(run, rollouts, active, seed, on_progress)
+            else:
+                self._run_waves(run, rollouts, active, seed, on_progress)
+        finally:  # finished or stopped half-way: no rollout's tool session (a python kernel) outlives the run
+            if run.use_tools:
+                for rollout in rollouts:
+                    self.tools.end_session(id(rollout))
         return rollouts
 
     # ------------------------------------------------------------------ turn-synchronous waves
@@ -146,7 +151,9 @@ class RolloutEngine:
         for rollout, per_rollout in zip(rollouts, requests):
             for call, _ in per_rollout:
                 run.listener.on_tool_start(rollout, call)
-        results = iter(self.tools.execute_many([request for per_rollout in requests for request in per_rollout]))
+        results = iter(self.tools.execute_many([request for per_rollout in requests for request in per_rollout],
+                                               sessions=[id(r) for r, per_rollout in zip(rollouts, requests)
+                                                         for _ in per_rollout]))
         for rollout, per_rollout in zip(rollouts, requests):
             run.show_tool_results(rollout, per_rollout, [next(results) for _ in per_rollout])
 
@@ -197,6 +204,8 @@ class EngineRun:
             rollout.finish_reason = "max_turns"
         else:
             return True
+        if self.use_tools:
+            engine.tools.end_session(id(rollout))  # the rollout is done: its tool session (if any) ends now
         return False
 
     def tool_requests(self, rollout: Rollout) -> list[tuple]:
@@ -213,6 +222,7 @@ class EngineRun:
                 message["name"] = call.name
             tool_messages.append(message)
             rollout.tool_calls += 1
+            rollout.tool_trace.append((call.name, result.error))
             rollout.tool_s += result.runtime_s
             if result.error:
                 rollout.tool_errors[result.error] = rollout.tool_errors.get(result.error, 0) + 1

@@ -34,6 +34,8 @@ class Rollout:
         r_tool = 1 / (T + 1) charges for it). A call in the turn that hit max_turns is not run
         and not counted.
     tool_errors: kind -> count, from the registry's ToolResult.error of each counted call.
+    tool_trace: (tool name, error kind) of each counted call in order; name None for a malformed
+        call, error None for a call that succeeded (per-tool figures: rewards/tool_economy.py).
     generation_s: wall time of the batched backend calls this rollout took part in.
     tool_s: sum of the registry's runtime_s over this rollout's calls.
     """
@@ -47,6 +49,7 @@ class Rollout:
     messages: list[dict]
     tool_calls: int = 0
     tool_errors: dict[str, int] = field(default_factory=dict)
+    tool_trace: list[tuple[str | None, str | None]] = field(default_factory=list)
     finish_reason: RolloutFinish | None = None
     num_turns: int = 0
     generated_tokens: int = 0

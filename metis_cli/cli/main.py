@@ -10,6 +10,8 @@ from metis_cli.cli.completion import completion
 from metis_cli.cli.curate import curate
 from metis_cli.cli.eval import eval_command
 from metis_cli.cli.plan import plan
+from metis_cli.cli.push import push
+from metis_cli.cli.serve import serve
 from metis_cli.cli.train import hdpo, run, sft
 from metis_cli.cli import recipes as recipes_cli
 from metis_cli.cli import tools as tools_cli
@@ -48,6 +50,8 @@ app.command()(sft)
 app.command()(hdpo)
 app.command(name="eval")(eval_command)
 app.command()(chat)
+app.command()(serve)
+app.command()(push)
 app.command()(validate)
 app.command()(plan)
 app.add_typer(tools_cli.app, name="tools")

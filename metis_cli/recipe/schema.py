@@ -2,20 +2,26 @@
 
 One recipe YAML drives every stage (curate, sft, hdpo, eval, chat). This module only declares
 the shape; loading, `--set` overrides, `${section.field}` interpolation and error reporting live
-in `metis_cli.recipe.load`. No heavy imports here: `metis validate` must start instantly.
+in `metis_cli.recipe.load`. No heavy imports here: `metis validate` must start instantly. The
+tools and reward sections live in schema_tools.py and schema_reward.py (re-exported here).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Section(BaseModel):
-    """Base for every recipe section: unknown keys and NaN/inf numbers are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+# The tools and reward sections, re-exported: every section is importable from here.
+from metis_cli.recipe.schema_reward import JudgeConfig, RewardConfig, RewardJudgeConfig  # noqa: F401
+from metis_cli.recipe.schema_tools import (  # noqa: F401
+    PythonToolConfig,
+    SearchHttpConfig,
+    SearchToolConfig,
+    ToolCost,
+    ToolsConfig,
+)
+from metis_cli.recipe.section import Section
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -45,6 +51,10 @@ class RunConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when a GPU is present.")
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="Sharding and checkpointing when several processes train."
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that get every metrics.jsonl row, the recipe and "
+        "sampled rollouts (pip install 'metis-cli[track]'); metrics.jsonl is written either way.",
     )
 
 
@@ -143,67 +153,6 @@ class DataConfig(Section):
     )
 
 
-# --------------------------------------------------------------------------------------- tools
-class PythonToolConfig(Section):
-    wall_timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit per python call.")
-    cpu_time_s: int = Field(5, gt=0, description="CPU-seconds limit per python call.")
-    memory_mb: int = Field(512, gt=0, description="Address-space cap of the sandboxed process.")
-    output_bytes: int = Field(16384, gt=0, description="Output kept from stdout+stderr; the rest is cut.")
-    max_processes: int = Field(16, gt=0, description="Process/thread cap inside the sandbox.")
-    sandbox: Literal["auto", "bwrap", "unshare", "none"] = Field(
-        "auto", description="auto = strongest available (bwrap > unshare > in-process socket denial)."
-    )
-    persistent: bool = Field(
-        False, description="One long-lived sandboxed interpreter per rollout, like a notebook kernel: variables "
-        "survive between calls; ended with the rollout. Limits stay per call (wall clock, CPU, output) or per "
-        "session (memory, processes); a call that hits the wall clock or output cap restarts the session."
-    )
-    packages: list[str] = Field(
-        default_factory=list, description="Import names made importable read-only from metis's environment "
-        "(e.g. [numpy, PIL]); every other installed package stays invisible. Empty = standard library only."
-    )
-
-
-class SearchHttpConfig(Section):
-    """A Serper-style web search API: POST {"q": query} -> {"organic": [{title, link, snippet}, ...]}."""
-
-    url: str | None = Field(None, description="Search API endpoint, e.g. https://google.serper.dev/search.")
-    api_key_env: str = Field("SERPER_API_KEY", description="Environment variable holding the API key.")
-    api_key_header: str = Field("X-API-KEY", description="Request header that carries the API key.")
-    timeout_s: float = Field(10.0, gt=0, description="Per-request timeout (keep attempts x timeout under tools.timeout_s).")
-    retries: int = Field(2, ge=0, description="Retries after a timeout, connection error, 429 or 5xx; then a tool error.")
-    backoff_s: float = Field(1.0, ge=0, description="First backoff delay; doubles each retry.")
-    cache_dir: str | None = Field(
-        "${run.output_dir}/search_cache", description="Folder caching results per query on disk; null = no cache."
-    )
-
-
-class SearchToolConfig(Section):
-    backend: Literal["bm25", "http"] = Field(
-        "bm25", description="bm25: keyword search over the local `corpus` (offline); http: a web search API (`http`)."
-    )
-    corpus: str | None = Field(None, description="JSONL corpus with {id, text[, title]} per line (bm25).")
-    top_k: int = Field(3, gt=0, description="Documents returned per query (official Metis: 10 web results).")
-    http: SearchHttpConfig = Field(default_factory=SearchHttpConfig, description="Web search API settings (backend http).")
-
-
-class ToolCost(Section):
-    usd_per_call: float = Field(0.0, ge=0, description="Price of one call, for eval's tool economy.")
-    latency_s: float = Field(0.0, ge=0, description="Typical latency of one call in production.")
-
-
-class ToolsConfig(Section):
-    enabled: list[Literal["calculator", "python", "search"]] = Field(
-        default_factory=lambda: ["calculator"], description="Tools the agent may call."
-    )
-    timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit of one tool call.")
-    max_calls_per_rollout: int = Field(4, ge=0, description="Calls beyond this get an error observation.")
-    max_concurrency: int = Field(8, gt=0, description="Tool calls in flight at once across rollouts.")
-    python: PythonToolConfig = Field(default_factory=PythonToolConfig, description="Python sandbox limits.")
-    search: SearchToolConfig = Field(default_factory=SearchToolConfig, description="Search backend and settings.")
-    costs: dict[str, ToolCost] = Field(default_factory=dict, description="Per-tool price/latency for eval.")
-
-
 # ------------------------------------------------------------------------------------- rollout
 class VllmConfig(Section):
     gpu_memory_utilization: float = Field(
@@ -239,91 +188,6 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for RL rollouts.")
     batch_size: int = Field(64, gt=0, description="Sequences per generate call (hf backend).")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM engine settings.")
-
-
-# -------------------------------------------------------------------------------------- reward
-class JudgeConfig(Section):
-    base_url: str = Field(..., description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
-    model: str = Field(..., description="Judge model name at that endpoint.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
-    max_retries: int = Field(3, ge=0, description="Retries with exponential backoff before 'unscored'.")
-    backoff_s: float = Field(1.0, ge=0, description="First backoff delay.")
-    timeout_s: float = Field(30.0, gt=0, description="Per-request timeout.")
-
-
-_JUDGE_PLACEHOLDERS = ("question", "ground_truth", "prediction")
-
-
-class RewardJudgeConfig(JudgeConfig):
-    """The answer judge: the endpoint settings of JudgeConfig plus its contract (what it is asked
-    and must reply). Fields left null take the named contract's value."""
-
-    contract: Literal["metis", "official"] = Field(
-        "metis", description="metis: last user turn as the question, yes/no reply, 3 retries; official (the "
-        "official Metis code): whole prompt as the question, reply CORRECT/INCORRECT, temperature 0, 30 s "
-        "timeout, 2 attempts."
-    )
-    prompt: str | None = Field(
-        None, description="The judge's user message with placeholders {question}, {ground_truth}, {prediction} "
-        "(write {{ and }} for literal braces); null = the contract's."
-    )
-    system_prompt: str | None = Field(None, description="System message before the prompt; '' sends none; null = the contract's.")
-    reply_correct: str | None = Field(None, description="The reply meaning correct (read from the reply's start, any case); null = the contract's.")
-    reply_incorrect: str | None = Field(None, description="The reply meaning incorrect; null = the contract's.")
-    question: Literal["last_user", "whole_prompt"] | None = Field(
-        None, description="What {question} is: the last user turn, or every prompt message (system prompt "
-        "included); null = the contract's."
-    )
-    temperature: float | None = Field(None, ge=0, description="Judge sampling temperature; null = the contract's (0).")
-    max_retries: int | None = Field(
-        None, ge=0, description="Retries with exponential backoff before 'unscored'; null = the contract's (metis 3, official 1)."
-    )
-    timeout_s: float | None = Field(None, gt=0, description="Per-request timeout; null = the contract's (30 s).")
-    on_failure: Literal["unscored", "incorrect"] = Field(
-        "unscored", description="A rollout the judge cannot score (calls keep failing, or the reply is neither "
-        "verdict): unscored = excluded from its group and counted; incorrect = scored as a wrong answer, which is "
-        "what the official code does and we think is wrong (network luck becomes negative reward)."
-    )
-
-    @model_validator(mode="after")
-    def _prompt_placeholders(self) -> RewardJudgeConfig:
-        if self.prompt is not None:
-            try:
-                self.prompt.format(**{name: "" for name in _JUDGE_PLACEHOLDERS})
-            except (KeyError, IndexError, ValueError) as error:
-                raise ValueError(
-                    f"prompt: bad placeholder ({type(error).__name__}: {error}); use only "
-                    "{question}, {ground_truth}, {prediction} and write {{ and }} for literal braces"
-                ) from None
-            missing = [name for name in ("ground_truth", "prediction") if "{" + name + "}" not in self.prompt]
-            if missing:
-                raise ValueError(f"prompt: needs the placeholder(s) {', '.join('{' + m + '}' for m in missing)}")
-        replies = [reply for reply in (self.reply_correct, self.reply_incorrect) if reply is not None]
-        if any(not reply.strip() for reply in replies):
-            raise ValueError("reply_correct / reply_incorrect must not be blank")
-        if len(replies) == 2 and replies[0].casefold() == replies[1].casefold():
-            raise ValueError("reply_correct and reply_incorrect must differ")
-        return self
-
-
-class RewardConfig(Section):
-    checker: Literal["exact", "numeric", "math_verify", "judge"] = Field(
-        "math_verify", description="How an extracted <answer> is compared with the gold answer (a list gold "
-        "answer: the best match counts)."
-    )
-    acc_weight: float = Field(0.9, ge=0, description="r_acc = acc_weight*correct + format_weight*format_ok.")
-    format_weight: float = Field(0.1, ge=0, description="Weight of the format reward inside r_acc.")
-    format: Literal["metis", "reason", "think", "none"] = Field(
-        "metis", description="format_ok rule. metis: tags closed per turn, exactly one non-blank answer, in the "
-        "final turn, last; reason (official Metis code): over the whole response <reason>/</reason> and "
-        "<tool_call>/</tool_call> counts equal, and after the last </reason> <answer>/</answer> counts equal "
-        "and >= 1; think: reason with <think>; none: every rollout counts as well formed."
-    )
-    answer_position: Literal["last", "first"] = Field(
-        "last", description="Which <answer> is checked: last = the last one of the final turn; first = the first "
-        "one of the whole response (official Metis code)."
-    )
-    judge: RewardJudgeConfig | None = Field(None, description="LLM judge (required when checker is 'judge').")
 
 
 # ----------------------------------------------------------------------------------------- sft

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from metis_cli.rewards.scoring import RolloutScore, score_rollout, scored_incorrect
+from metis_cli.rewards.tool_economy import correctness_and_budgets
 from metis_cli.telemetry import metrics as m
 
 # (example, prediction, gold) -> bool | None; the example gives the judge its question.
@@ -83,6 +84,10 @@ class RolloutFigures:
     truncated: int  # ended at a token limit
     generated_tokens: int
     response_tokens_mean: float  # generated tokens per rollout
+    tool_call_ratio_correct: float | None  # rewards/tool_economy.py correctness_and_budgets
+    tool_call_ratio_wrong: float | None
+    turn_budget_share: float
+    token_budget_share: float
 
 
 def rollout_figures(rollouts, scores: list[RolloutScore]) -> RolloutFigures:
@@ -102,6 +107,7 @@ def rollout_figures(rollouts, scores: list[RolloutScore]) -> RolloutFigures:
         truncated=sum(r.finish_reason == "length" for r in rollouts),
         generated_tokens=sum(r.generated_tokens for r in rollouts),
         response_tokens_mean=sum(r.generated_tokens for r in rollouts) / n,
+        **correctness_and_budgets(rollouts, scores),
     )
 
 

@@ -121,10 +121,10 @@ class HdpoStage:
         self.checker = build_checker(self.recipe.reward)
 
     def _setup_optimizer(self) -> None:
-        import torch
+        from metis_cli.train.optimizer import MasterWeights
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.weights = MasterWeights(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.optimizer = self.weights.optimizer
 
     def _resume(self) -> None:
         from metis_cli.train.checkpoint import latest_checkpoint, load_trainer_state
@@ -139,6 +139,7 @@ class HdpoStage:
         self._setup_optimizer()
         state = load_trainer_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.weights.load_state_dict(state.get("master_weights"))
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.eval_history = state.get("eval_history", [])
@@ -188,7 +189,7 @@ class HdpoStage:
         if index.numel() == 0:
             return None
         figures = policy_update(
-            self.model, self.optimizer, [rollouts[i] for i in index.tolist()], advantages.select(index), self.cfg,
+            self.model, self.weights, [rollouts[i] for i in index.tolist()], advantages.select(index), self.cfg,
             pad_token_id=self.tokenizer.pad_token_id, temperature=self.recipe.rollout.temperature,
             device=self.device, reference=self.reference,
         )
@@ -211,6 +212,7 @@ class HdpoStage:
 
     def train(self) -> None:
         from metis_cli.rewards.batch import rollout_figures
+        from metis_cli.rewards.tool_economy import per_tool_figures
         from metis_cli.stages.hdpo_step import StepMetrics
         from metis_cli.telemetry import control
         from metis_cli.telemetry import metrics as m
@@ -238,6 +240,7 @@ class HdpoStage:
                     total_steps=self.cfg.steps, estimator=self.cfg.estimator, update=update, rollout_s=rollout_s,
                     update_s=update_s, step_s=time.time() - step_start, elapsed_s=time.time() - started,
                     lr=self.optimizer.param_groups[0]["lr"],
+                    per_tool=per_tool_figures(rollouts, self.registry.names()),
                 )
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     step_metrics.eval = self.evaluate()
@@ -280,6 +283,8 @@ class HdpoStage:
         from metis_cli.model.runtime import rng_state
 
         state = {"optimizer": self.optimizer.state_dict(), "rng": rng_state(), "eval_history": self.eval_history}
+        if self.weights.has_copies:
+            state["master_weights"] = self.weights.state_dict()
         return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)
 
     def save(self) -> Path:
@@ -298,7 +303,7 @@ class HdpoStage:
 
         if hasattr(self, "backend"):
             self.backend.close()
-        for name in ("model", "reference", "optimizer", "backend", "engine"):
+        for name in ("model", "reference", "optimizer", "weights", "backend", "engine"):
             self.__dict__.pop(name, None)
         gc.collect()
 

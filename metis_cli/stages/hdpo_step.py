@@ -54,8 +54,10 @@ class StepMetrics:
     step_s: float
     elapsed_s: float
     lr: float
+    world_size: int = 1  # processes that rolled out and trained this step together
     time: float = field(default_factory=time.time)
     eval: dict[str, float | None] = field(default_factory=dict)  # eval/<subset>/<figure>, on eval steps
+    per_tool: dict[str, int] = field(default_factory=dict)  # tools/<tool>/calls|errors|timeouts
     checkpoint: str | None = None
 
     @classmethod
@@ -96,7 +98,9 @@ class StepMetrics:
         record.update({
             m.ROLLOUT_S: self.rollout_s, m.UPDATE_S: self.update_s, m.STEP_S: self.step_s,
             m.ELAPSED_S: self.elapsed_s, m.LR: self.lr, m.TOKENS_PER_S: self.tokens_per_s,
+            m.WORLD_SIZE: self.world_size,
             **self.eval,
+            **self.per_tool,
         })
         if self.checkpoint is not None:
             record[m.CHECKPOINT] = self.checkpoint

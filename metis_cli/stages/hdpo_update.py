@@ -30,7 +30,8 @@ class UpdateFigures:
         batch-wide denominators are the batch's losses;
     clip_frac_acc, clip_frac_tool, entropy, logprob_mismatch: first epoch, each micro-batch
         weighted by its share of the batch's trained tokens;
-    kl: the same token-share weighting, averaged over all PPO epochs (0 without a reference).
+    kl: the same token-share weighting, averaged over all PPO epochs (0 without a reference);
+    grad_norm, update_rms: of the first optimizer step (`train.optimizer.StepStats`).
     """
 
     loss: float = 0.0
@@ -41,6 +42,8 @@ class UpdateFigures:
     kl: float = 0.0
     entropy: float = 0.0
     logprob_mismatch: float = 0.0
+    grad_norm: float = 0.0
+    update_rms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
     """`cfg.ppo_epochs` PPO-clip optimizer steps on the `kept` rollouts (at least one).
 
     Args:
-        model: the policy (trained in place); optimizer: its optimizer.
+        model: the policy (trained in place); optimizer: its `train.optimizer.MasterWeights`
+            (clips to `cfg.grad_clip` and steps the fp32 masters).
         kept: the rollouts to train on; `advantages` holds one [K] entry per kept rollout.
         cfg: the recipe's `hdpo` section (w_acc, w_tool, clip_eps, kl_coef, ppo_epochs,
             micro_batch_size, grad_clip).
@@ -108,7 +112,7 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
             old_logp = [chunk.logprobs(model, temperature)[0] for chunk in chunks]
     figures = UpdateFigures()
     for epoch in range(cfg.ppo_epochs):
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         for number, chunk in enumerate(chunks):
             logp, entropy = chunk.logprobs(model, temperature, with_entropy=epoch == 0)
             old = old_logp[number] if old_logp is not None else logp.detach()
@@ -135,6 +139,7 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
                 figures.entropy += float(masked_mean(entropy, chunk.loss_mask)) * share
                 mismatch = (logp.detach() - chunk.sampler_logprobs).abs()
                 figures.logprob_mismatch += float(masked_mean(mismatch, chunk.loss_mask)) * share
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        stats = optimizer.step(cfg.grad_clip)
+        if epoch == 0:
+            figures.grad_norm, figures.update_rms = stats.grad_norm, stats.update_rms
     return figures

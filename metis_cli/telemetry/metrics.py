@@ -54,14 +54,16 @@ TOKENS_PER_S = _field("tokens_per_s", "both", "sft: trained tokens / step_s; hdp
 STEP_S = _field("step_s", "both", "wall time of the step (hdpo: rollouts, scoring, update; no eval or saving)", "s")
 ELAPSED_S = _field("elapsed_s", "both", "wall time since this session of the stage started", "s")
 CHECKPOINT = _field("checkpoint", "both", "path of the checkpoint written after this step (only on such steps)")
+GRAD_NORM = _field("grad_norm", "both", "total L2 norm of the gradients before clipping "
+                   "(hdpo: of the update's first optimizer step; absent when no rollout was trained)")
+UPDATE_RMS = _field("update_rms", "both", "root mean square of this step's change of the trainable fp32 master "
+                    "weights (hdpo: of the update's first optimizer step)")
+WORLD_SIZE = _field("world_size", "both", "processes training together", "count")
 
 # -------------------------------------------------------------------------------------- sft
 EPOCH = _field("epoch", "sft", "passes over the current phase's data so far")
 PHASE = _field("phase", "sft", "index of the sft.phases entry this step trained")
 EVAL_LOSS = _field("eval_loss", "sft", "token-mean cross-entropy on the held-out share (sft.eval_share)", "nats")
-GRAD_NORM = _field("grad_norm", "sft", "total L2 norm of the gradients before clipping")
-UPDATE_RMS = _field("update_rms", "sft", "root mean square of this step's change of the trainable weights")
-WORLD_SIZE = _field("world_size", "sft", "processes training together", "count")
 
 # ----------------------------------------------------------------- hdpo: rollouts and rewards
 ESTIMATOR = _field("estimator", "hdpo", "hdpo.estimator: hdpo, grpo, coupled or gdpo")
@@ -83,6 +85,15 @@ GENERATED_TOKENS = _field("generated_tokens", "hdpo", "tokens the sampler genera
 RESPONSE_TOKENS_MEAN = _field("response_tokens_mean", "hdpo", "generated_tokens per rollout", "tokens")
 EFFICIENCY_GROUP_SHARE = _field("efficiency_group_share", "hdpo", "share of groups with |Q| >= 2 correct scored "
                                 "rollouts, where the efficiency channel is on (the implicit curriculum)", "share")
+TOOL_CALL_RATIO_CORRECT = _field("tool_call_ratio_correct", "hdpo", "share of correct scored rollouts with at least "
+                                 "one tool call (null when none is correct): blind tool use on answers the model "
+                                 "got right", "share")
+TOOL_CALL_RATIO_WRONG = _field("tool_call_ratio_wrong", "hdpo", "share of wrong scored rollouts with at least one "
+                               "tool call (null when none is wrong)", "share")
+TURN_BUDGET_SHARE = _field("turn_budget_share", "hdpo", "share of rollouts that used up rollout.max_turns (finish "
+                           "reason max_turns)", "share")
+TOKEN_BUDGET_SHARE = _field("token_budget_share", "hdpo", "share of rollouts that hit a token limit (finish reason "
+                            "length)", "share")
 
 # ------------------------------------------------------ hdpo: advantages over scored rollouts
 ADV_ACC_MEAN = _field("adv_acc_mean", "hdpo", "mean accuracy-channel advantage (baselines: their one advantage)")
@@ -134,6 +145,29 @@ def split_eval_key(key: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+TOOLS_PREFIX = "tools"
+TOOL_FIGURES: tuple[MetricField, ...] = (
+    MetricField("calls", "hdpo", "calls of this tool in the step's rollouts", "count"),
+    MetricField("errors", "hdpo", "error observations of its calls, of every kind", "count"),
+    MetricField("timeouts", "hdpo", "error observations of kind timeout", "count"),
+)
+"""Per enabled tool per step, keyed `tools/<tool>/<figure>`; calls naming no enabled tool count
+under `tools/other/...`, malformed ones (no name) under `malformed_tool_calls` only."""
+
+
+def tool_key(tool: str, figure: str) -> str:
+    """`tools/<tool>/<figure>`, e.g. tool_key("python", "timeouts") == "tools/python/timeouts"."""
+    return f"{TOOLS_PREFIX}/{tool}/{figure}"
+
+
+def split_tool_key(key: str) -> tuple[str, str] | None:
+    """(tool, figure) of a `tools/<tool>/<figure>` key; None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != TOOLS_PREFIX or not parts[1]:
+        return None
+    return parts[1], parts[2]
+
+
 def fields(stage: str) -> dict[str, MetricField]:
     """The fields one stage ("sft" or "hdpo") may write, by name (eval figures not included)."""
     return {f.name: f for f in FIELDS if f.stage in (stage, "both")}
@@ -143,10 +177,13 @@ def unknown_keys(record: dict) -> list[str]:
     """Keys of a metrics.jsonl record that the schema does not define for its `stage`."""
     known = fields(str(record.get(STAGE)))
     eval_figures = {f.name for f in EVAL_FIGURES}
+    tool_figures = {f.name for f in TOOL_FIGURES}
+    hdpo = record.get(STAGE) == "hdpo"
     unknown = []
     for key in record:
-        split = split_eval_key(key)
-        if key in known or (split is not None and record.get(STAGE) == "hdpo" and split[1] in eval_figures):
+        split, per_tool = split_eval_key(key), split_tool_key(key)
+        if key in known or (hdpo and split is not None and split[1] in eval_figures) \
+                or (hdpo and per_tool is not None and per_tool[1] in tool_figures):
             continue
         unknown.append(key)
     return unknown

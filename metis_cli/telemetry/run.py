@@ -29,19 +29,29 @@ def _clean(value):
 
 
 class MetricsLog:
-    """Append-only JSONL writer: one object per line, flushed at once so tails see it."""
+    """Append-only JSONL writer: one object per line, flushed at once so tails see it. Each row
+    also goes to the trackers the run's recipe asks for in this folder (`run.report_to`,
+    telemetry/trackers.py), after it is written."""
 
     def __init__(self, path: Path):
+        from metis_cli.telemetry import trackers
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.trackers = trackers.for_stage_dir(self.path.parent)
 
     def append(self, record: dict) -> None:
-        line = json.dumps({k: _clean(v) for k, v in record.items()}, default=str)
+        cleaned = {k: _clean(v) for k, v in record.items()}
+        line = json.dumps(cleaned, default=str)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
+        if self.trackers is not None:
+            self.trackers.log(cleaned)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (they are redone when a run resumes)."""
+        if self.trackers is not None:
+            self.trackers.resumed_at(step)
         if not self.path.exists():
             return
         kept = []
@@ -153,7 +163,12 @@ def _flatten(node, prefix: str, into: dict) -> None:
 
 
 def write_resolved_recipe(recipe) -> Path:
+    """`<run.output_dir>/recipe.yaml`; also makes `recipe` the one whose `run.report_to` the
+    stages' MetricsLog follows (telemetry/trackers.py)."""
     from metis_cli.recipe import recipe_to_yaml
+    from metis_cli.telemetry import trackers
+
+    trackers.announce(recipe)
 
     path = Path(recipe.run.output_dir) / "recipe.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

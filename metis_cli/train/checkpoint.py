@@ -49,7 +49,8 @@ def _atomic_dir(dest: Path, write) -> Path:
 
 def save_model_folder(model, tokenizer, dest: Path, *, merge_lora: bool = False) -> Path:
     """Save an HF model folder atomically (a peft model saves its adapter; `merge_lora` also
-    writes the merged full model to `dest/merged`)."""
+    writes the merged full model to `dest/merged`). Saved into a stage folder (`final/`), it
+    gets its model card (`_write_card`)."""
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
@@ -60,8 +61,18 @@ def save_model_folder(model, tokenizer, dest: Path, *, merge_lora: bool = False)
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(folder / "merged")
             tokenizer.save_pretrained(folder / "merged")
+        _write_card(folder, Path(dest).parent)
 
     return _atomic_dir(Path(dest), write)
+
+
+def _write_card(folder: Path, stage_dir: Path) -> None:
+    """README.md (model/card.py) for a folder saved into a stage folder (one with inputs.json),
+    in place of the card peft's save_pretrained writes for an adapter."""
+    from metis_cli.model.card import INPUTS_FILE, write_card
+
+    if (stage_dir / INPUTS_FILE).exists():
+        write_card(folder, stage_dir=stage_dir, replace=True)
 
 
 def save_checkpoint(stage_dir: Path, step: int, model, tokenizer, trainer_state: dict, *, keep: int = 2) -> Path:
@@ -210,6 +221,7 @@ def save_gathered_model_folder(model, tokenizer, dest: Path, context, *, dtype, 
             tokenizer.save_pretrained(tmp)
             if peft and merge_lora:
                 _merge_adapter_folder(tmp, dtype)
+            _write_card(tmp, dest.parent)
             _move_into_place(tmp, dest)
             return dest
 

@@ -235,8 +235,10 @@ class PythonTool:
     def _session(self, key) -> PythonSession:
         with self._sessions_lock:
             session = self._sessions.get(key)
-            if session is not None and session.alive:
-                return session
+            if session is not None:
+                if session.alive:
+                    return session
+                session.close()  # its worker died between calls: clean up, then start afresh
             session = PythonSession(self.isolation, self.limits, self.packages, ["-c", _PRELUDE_SOURCE],
                                     launcher_processes=_LAUNCHER_PROCESSES, open_files=_OPEN_FILES,
                                     cgroup=self._open_cgroup())

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 from metis_cli.agent.tools.pids_cgroup import PidsCgroup
@@ -40,12 +41,16 @@ _EXIT_GRACE_S = 0.5  # how long a worker that stopped answering gets to exit by 
 _READ_CHUNK_BYTES = 65536
 
 
+@dataclass
 class SessionRun:
-    """What one call in a session produced; `ended`: the session is gone after it."""
+    """What one call in a session produced. exit_status: the call's status (the worker's own exit
+    status when it died; None when it was stopped); ended: the session is gone after it."""
 
-    def __init__(self, output: bytes, exit_status: int | None, timed_out: bool, overflowed: bool, ended: bool):
-        self.output, self.exit_status, self.timed_out, self.overflowed = output, exit_status, timed_out, overflowed
-        self.ended = ended
+    output: bytes
+    exit_status: int | None
+    timed_out: bool
+    overflowed: bool
+    ended: bool
 
 
 class PythonSession:

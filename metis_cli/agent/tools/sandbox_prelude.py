@@ -129,8 +129,14 @@ def _prepare(packages_dir: str) -> None:
         # One thread per BLAS pool: the process cap counts threads, and idle pools hold memory.
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = "1"
+        home = os.environ.get("HOME", ".")
         os.environ["MPLBACKEND"] = "Agg"
-        os.environ["MPLCONFIGDIR"] = os.environ.get("HOME", ".")
+        os.environ["MPLCONFIGDIR"] = home
+        # The host's /etc/fonts is not visible; an empty config keeps fontconfig from complaining.
+        fontconfig = os.path.join(home, ".fontconfig.xml")
+        with open(fontconfig, "w", encoding="utf-8") as file:
+            file.write("<fontconfig></fontconfig>\n")
+        os.environ["FONTCONFIG_FILE"] = fontconfig
 
 
 def _status_of_exit(code) -> int:
