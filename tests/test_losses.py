@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from metis_cli.algo.losses import clipped_surrogate, hdpo_loss, kl_k3, masked_mean
+from metis_cli.algo.losses import (
+    LOG_RATIO_CLAMP,
+    MicroBatchNorm,
+    clipped_surrogate,
+    hdpo_loss,
+    kl_k3,
+    masked_mean,
+    micro_batch_norms,
+)
 
 torch.set_num_threads(1)
 
@@ -128,3 +136,81 @@ def test_kl_k3_hand_computed_and_zero_at_equal_policies():
     # token 1: d = ref - logp = log 2; k3 = 2 - log 2 - 1
     assert kl_k3(logp, ref, mask).item() == pytest.approx((1 - math.log(2)) / 2)
     assert kl_k3(ref, ref, mask).item() == 0.0
+
+
+def test_dual_clip_caps_the_loss_of_negative_advantages_hand_computed():
+    old = torch.zeros(1, 4)
+    # ratios 1.5 (above 1 + eps), 4.0 (above c = 3), 0.5 (below 1 - eps), 2.5 (between 1 + eps and c)
+    logp = torch.log(torch.tensor([[1.5, 4.0, 0.5, 2.5]])).requires_grad_()
+    mask = torch.ones(1, 4)
+    loss, clipped = clipped_surrogate(logp, old, torch.tensor([-2.0]), mask, clip_eps=0.2, dual_clip_c=3.0)
+    # A = -2: max(-r*A, -clip(r)*A) = 2 * max(r, clip(r)), then at most -c*A = 6
+    assert loss.tolist()[0] == pytest.approx([3.0, 6.0, 1.6, 5.0])
+    assert clipped.tolist()[0] == [False, True, True, False]
+    loss.sum().backward()
+    # d(-r*A)/dlogp = -r*A = 2r where unclipped; 0 where either clip is active
+    assert logp.grad[0].tolist() == pytest.approx([3.0, 0.0, 0.0, 5.0])
+
+    plain, plain_clipped = clipped_surrogate(logp.detach(), old, torch.tensor([-2.0]), mask, clip_eps=0.2)
+    assert plain.tolist()[0] == pytest.approx([3.0, 8.0, 1.6, 5.0])  # without dual-clip ratio 4 keeps pushing
+    assert plain_clipped.tolist()[0] == [False, False, True, False]
+
+
+def test_dual_clip_leaves_positive_advantages_alone():
+    old = torch.zeros(1, 2)
+    logp = torch.log(torch.tensor([[4.0, 0.5]]))
+    dual, _ = clipped_surrogate(logp, old, torch.tensor([2.0]), torch.ones(1, 2), 0.2, dual_clip_c=3.0)
+    plain, _ = clipped_surrogate(logp, old, torch.tensor([2.0]), torch.ones(1, 2), 0.2)
+    assert dual.tolist() == plain.tolist()
+    assert dual.tolist()[0] == pytest.approx([-2.4, -1.0])
+
+
+def test_log_ratio_is_clamped_before_exp():
+    old = torch.zeros(1, 2)
+    logp = torch.tensor([[30.0, -30.0]], requires_grad=True)  # far outside +-20
+    loss, _ = clipped_surrogate(logp, old, torch.tensor([-1.0]), torch.ones(1, 2), clip_eps=0.2)
+    # A = -1: token 0's loss is r = e^20, not e^30; token 1 is clipped at 1 - eps
+    assert loss[0, 0].item() == pytest.approx(math.exp(LOG_RATIO_CLAMP), rel=1e-5)
+    assert loss[0, 1].item() == pytest.approx(0.8)
+    loss.sum().backward()
+    assert logp.grad.tolist() == [[0.0, 0.0]]  # no gradient through the clamp: no blow-up
+
+
+def test_micro_batch_norms_hand_computed():
+    acc, tool, rollouts = [4.0, 2.0, 6.0], [2.0, 0.0, 3.0], [2, 1, 3]
+    assert micro_batch_norms(acc, tool, rollouts, "batch_token_mean") == [MicroBatchNorm(12.0, 5.0, 1.0)] * 3
+    assert micro_batch_norms(acc, [0.0] * 3, rollouts, "batch_token_mean")[0].tool_token_total is None
+    micro = micro_batch_norms(acc, tool, rollouts, "micro_batch_token_mean")
+    assert [(n.acc_token_total, n.tool_token_total) for n in micro] == [(None, None)] * 3
+    assert [n.scale for n in micro] == pytest.approx([2 / 6, 1 / 6, 3 / 6])
+    # the KL term (a token mean over the micro-batch) is weighted like the loss
+    assert micro_batch_norms(acc, tool, rollouts, "batch_token_mean")[0].token_mean_weight(4.0) == pytest.approx(1 / 3)
+    assert micro[0].token_mean_weight(4.0) == pytest.approx(1 / 3)
+    assert micro[1].token_mean_weight(2.0) == pytest.approx(1 / 6)
+
+
+def _aggregated_loss(loss_agg: str) -> float:
+    """The HDPO loss of two micro-batches at ratio 1 (token loss -A): [a, b] and [c].
+    a: 2 tokens, A_acc 1, A_tool 0.5; b: 1 token, A_acc -1, A_tool 0; c: 3 tokens, A_acc 0.5, A_tool 0."""
+    chunks = [
+        (torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([1.0, -1.0]), torch.tensor([0.5, 0.0])),
+        (torch.tensor([[1, 1, 1]]), torch.tensor([0.5]), torch.tensor([0.0])),
+    ]
+    norms = micro_batch_norms([float(m.sum()) for m, _, _ in chunks],
+                              [float(m[t != 0].sum()) for m, _, t in chunks], [len(a) for _, a, _ in chunks], loss_agg)
+    total = 0.0
+    for (mask, a_acc, a_tool), norm in zip(chunks, norms):
+        logp = torch.zeros(mask.shape)
+        parts = hdpo_loss(logp, logp, mask, a_acc, a_tool, 1.0, 0.15, 0.2,
+                          acc_token_total=norm.acc_token_total, tool_token_total=norm.tool_token_total)
+        total += parts.loss.item() * norm.scale
+    return total
+
+
+def test_loss_aggregation_modes_hand_computed():
+    # batch_token_mean: L_acc = -(1 + 1 - 1 + 3 * 0.5) / 6, L_tool = -(0.5 + 0.5) / 2
+    assert _aggregated_loss("batch_token_mean") == pytest.approx(-2.5 / 6 + 0.15 * -0.5)
+    # micro_batch_token_mean: [a, b] L_acc = -1/3, L_tool = -0.5, share 2/3; [c] L_acc = -0.5, L_tool = 0
+    # (no A_tool != 0 rollout), share 1/3
+    expected = 2 / 3 * (-1 / 3 + 0.15 * -0.5) + 1 / 3 * (-0.5 + 0.15 * 0.0)
+    assert _aggregated_loss("micro_batch_token_mean") == pytest.approx(expected)

@@ -53,7 +53,11 @@ def test_paper_settings_in_8b_recipe(monkeypatch):
     assert recipe.model.name_or_path == "Qwen/Qwen3-VL-8B-Instruct"
     h = recipe.hdpo
     assert (h.group_size, h.w_acc, h.w_tool, h.lr, h.kl_coef) == (16, 1.0, 0.15, 1e-6, 0.0)
-    assert recipe.rollout.max_turns == 10 and recipe.rollout.temperature == 1.0
+    assert recipe.rollout.max_turns == 11 and recipe.rollout.temperature == 1.0  # 10 tool calls, then an answer
+    # the official train_metis.sh scale, optimizer and lengths (tests/test_official_recipe.py has them all)
+    assert (h.steps, h.prompts_per_step, h.mini_batches, h.weight_decay, h.dual_clip_c) == (200, 128, 2, 0.01, 3.0)
+    r = recipe.rollout
+    assert (r.max_response_tokens, r.max_observation_tokens, r.max_total_tokens) == (16384, 8192, 24576 + 16384)
     assert set(recipe.tools.enabled) == {"python", "search"} and recipe.reward.judge is not None
     # the official code's reward, judge and tool contracts (issue 14)
     assert (recipe.reward.format, recipe.reward.answer_position, recipe.reward.judge.contract) == ("reason", "first", "official")

@@ -29,7 +29,7 @@ def test_a_builtin_recipe_runs_by_name_from_any_folder(tmp_path, monkeypatch):
     corpus = Path(load_recipe("8b").tools.search.corpus)
     assert corpus.is_file() and corpus.parent.parent == BUILTIN_RECIPES
     result = runner.invoke(app, ["validate", "missing-recipe"])
-    assert result.exit_code == 2 and "built-in recipe: 8b, tiny" in result.output
+    assert result.exit_code == 2 and "built-in recipe: 8b, 8b-official, tiny" in result.output
 
 
 def test_a_file_named_like_a_builtin_wins(tmp_path, monkeypatch):

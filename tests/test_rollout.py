@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from metis_cli.agent.backend import Generation, GenerationBackend, SamplingParams
 from metis_cli.agent.hf_backend import HFBackend
-from metis_cli.agent.rollout import RolloutBatch, RolloutEngine, RolloutListener
+from metis_cli.agent.rollout import OBSERVATION_CUT_MARK, RolloutBatch, RolloutEngine, RolloutListener
 from metis_cli.agent.tools.base import ToolErrorKind, ToolResult, error_result
 from metis_cli.data import synthetic
 from metis_cli.data.chat import tokenize_conversation
@@ -230,6 +230,46 @@ def test_prompt_longer_than_the_total_limit_generates_nothing(tokenizer):
     rollout = runner.run(prompts("2 + 2"), group_size=2)[0]
     assert runner.backend.calls == 0
     assert rollout.finish_reason == "length" and rollout.generated_tokens == 0
+
+
+def test_response_budget_excludes_the_prompt_and_counts_tool_turns(tokenizer):
+    tools = ScriptedCalculator()
+    always_call = lambda text: synthetic.calculator_call(question(text))  # noqa: E731
+    # The same question behind prompts of different lengths: the same turns follow both.
+    questions = prompts("2 + 2") + [[{"role": "user", "content": "Please help. " * 30 + "What is 2 + 2?"}]]
+    for budget in (5, 40, 77, 150):
+        runner = engine(tokenizer, always_call, tools, max_turns=10, max_total_tokens=2048, max_response_tokens=budget)
+        short, long = runner.run(questions, group_size=1)
+        assert long.prompt_len > short.prompt_len + 30
+        for rollout in (short, long):
+            response = rollout.loss_mask[rollout.prompt_len:]
+            assert len(response) <= budget and rollout.finish_reason == "length"
+            assert rollout.loss_mask[-1] == 1  # ends in sampled text, not in a half-rendered tool turn
+        assert short.token_ids[short.prompt_len:] == long.token_ids[long.prompt_len:]  # the prompt is not counted
+        if budget >= 77:
+            assert 0 in short.loss_mask[short.prompt_len:]  # the tool turns shown so far count against it
+
+
+class LongOutputTool(ScriptedCalculator):
+    """Answers every call with the numbers 0..299 (far more tokens than the cap below)."""
+
+    def execute_many(self, requests, sessions=None):
+        return [ToolResult(text=" ".join(str(i) for i in range(300)), runtime_s=0.01) for _ in requests]
+
+
+@pytest.mark.parametrize("cap", [None, 20, 5000])
+def test_a_long_observation_is_cut_to_its_last_tokens(tokenizer, cap):
+    full = " ".join(str(i) for i in range(300))
+    rollout = engine(tokenizer, call_then_answer, LongOutputTool(), max_total_tokens=4096,
+                     max_observation_tokens=cap).run(prompts("2 + 2"), group_size=1)[0]
+    shown = rollout.messages[3]["content"]
+    assert rollout.messages[3]["role"] == "tool"
+    if cap is None or cap == 5000:  # no cap, or one the output fits under: shown whole
+        assert shown == full
+    else:
+        assert shown.startswith(OBSERVATION_CUT_MARK) and shown.endswith(" 298 299")
+        assert len(tokenizer.encode(shown.removeprefix(OBSERVATION_CUT_MARK), add_special_tokens=False)) <= cap
+    assert shown in tokenizer.decode(rollout.token_ids)  # what the model saw
 
 
 def test_real_tool_registry_answers_calls_and_malformed_ones(tokenizer):

@@ -94,7 +94,8 @@ def _load(recipe, model_path: str, field: str, *, with_weights: bool):
     if model_path == recipe.model.name_or_path:
         ensure_base_model(recipe)
     if not with_weights:
-        return None, load_tokenizer(model_path, field=field, trust_remote_code=recipe.model.trust_remote_code)
+        return None, load_tokenizer(model_path, field=field, trust_remote_code=recipe.model.trust_remote_code,
+                                    chat_template_kwargs=recipe.model.chat_template_kwargs)
     model, tokenizer = load_policy(model_path, recipe, device=pick_device(recipe.run.device), field=field,
                                    trainable=False)
     return model.eval(), tokenizer
@@ -127,4 +128,6 @@ def build_engine(recipe, backend, tokenizer, registry, *, max_turns: int | None 
         temperature=rollout.temperature if temperature is None else temperature,
         top_p=rollout.top_p,
         continuous=rollout.vllm.continuous,
+        max_response_tokens=rollout.max_response_tokens,
+        max_observation_tokens=rollout.max_observation_tokens,
     )

@@ -18,9 +18,12 @@ turn and tool call as it happens.
 Precisely what gets loss mask 1: the tokens the backend sampled, and nothing else -- the same set
 `data.chat.tokenize_conversation` marks for SFT. A rollout ends when a turn ends without a tool
 call ("answer" if it holds `<answer>...</answer>`, else "eos"), when the turn that used up
-max_turns calls a tool ("max_turns"; that call is not run), or at a token limit ("length":
-max_new_tokens_per_turn hit, or prompt + turns would exceed max_total_tokens; forced tokens that
-do not fit are not appended, so token_ids never end in a cut-off tool turn).
+max_turns calls a tool ("max_turns"; that call is not run, so at most max_turns - 1 calls run), or
+at a token limit ("length": max_new_tokens_per_turn hit, or prompt + turns would exceed
+max_total_tokens, or the turns -- generated and forced tokens alike, the prompt not counted --
+would exceed max_response_tokens; forced tokens that do not fit are not appended, so token_ids
+never end in a cut-off tool turn). With max_observation_tokens, a tool result longer than that is
+cut to its last max_observation_tokens tokens, behind a mark, before it is shown.
 Rollout, RolloutBatch (the trainer's tensors) and RolloutListener live in agent/rollout_types.py.
 
 Must not touch: rewards (rewards/*), advantages and losses (algo/*), sampling internals (backends).
@@ -46,6 +49,9 @@ if TYPE_CHECKING:
 
 __all__ = ["EngineRun", "Rollout", "RolloutBatch", "RolloutEngine", "RolloutFinish", "RolloutListener"]
 
+OBSERVATION_CUT_MARK = "...(truncated) "
+"""Put before a tool result cut to rollout.max_observation_tokens, so the model can tell."""
+
 
 class RolloutEngine:
     """Samples groups of multi-turn rollouts through a GenerationBackend and a ToolRegistry."""
@@ -62,6 +68,8 @@ class RolloutEngine:
         temperature: float,
         top_p: float,
         continuous: bool = True,
+        max_response_tokens: int | None = None,
+        max_observation_tokens: int | None = None,
     ):
         self.backend = backend
         self.continuous = continuous
@@ -71,6 +79,8 @@ class RolloutEngine:
         self.max_turns = max_turns
         self.max_new_tokens_per_turn = max_new_tokens_per_turn
         self.max_total_tokens = max_total_tokens
+        self.max_response_tokens = max_response_tokens
+        self.max_observation_tokens = max_observation_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.tool_call_end_id = _single_token_id(tokenizer, TOOL_CALL_END)
@@ -169,16 +179,24 @@ class EngineRun:
         # The G samples of a group often make the very same call: each distinct history is rendered once.
         self._forced_cache: dict[str, tuple[list[int], str]] = {}
 
-    def turn_budget(self, rollout: Rollout) -> int:
+    def room(self, rollout: Rollout) -> int:
+        """Tokens the rollout may still add: max_total_tokens counts the prompt, max_response_tokens
+        (when set) everything after it."""
         engine = self.engine
-        return min(engine.max_new_tokens_per_turn, engine.max_total_tokens - len(rollout.token_ids))
+        room = engine.max_total_tokens - len(rollout.token_ids)
+        if engine.max_response_tokens is not None:
+            room = min(room, engine.max_response_tokens - (len(rollout.token_ids) - rollout.prompt_len))
+        return room
+
+    def turn_budget(self, rollout: Rollout) -> int:
+        return min(self.engine.max_new_tokens_per_turn, self.room(rollout))
 
     def sampling(self, max_new_tokens: int, seed: int | None) -> SamplingParams:
         engine = self.engine
         return SamplingParams(max_new_tokens, engine.temperature, engine.top_p, engine.stop_ids, self.greedy, seed)
 
     def out_of_room(self, rollout: Rollout) -> bool:
-        if len(rollout.token_ids) < self.engine.max_total_tokens:
+        if self.room(rollout) > 0:
             return False
         rollout.finish_reason = "length"
         return True
@@ -217,7 +235,7 @@ class EngineRun:
         """Record the calls' results as `tool` turns and queue their rendering as forced tokens."""
         tool_messages = []
         for (call, _), result in zip(requests, results):
-            message = {"role": "tool", "content": result.text}
+            message = {"role": "tool", "content": self._observation(result.text)}
             if call.name:
                 message["name"] = call.name
             tool_messages.append(message)
@@ -233,10 +251,22 @@ class EngineRun:
                                                               self.tool_specs, rollout._turn_start)
         forced, rollout._turn_start = self._forced_cache[cache_key]
         rollout.messages += tool_messages
-        if len(rollout.token_ids) + len(forced) >= self.engine.max_total_tokens:
+        if len(forced) >= self.room(rollout):
             rollout.finish_reason = "length"  # no room to show the result and generate after it
             return
         rollout._append(forced, None)
+
+    def _observation(self, text: str) -> str:
+        """A tool result as the model sees it: cut to its last max_observation_tokens tokens
+        (the end of an output holds its result or its error), behind OBSERVATION_CUT_MARK."""
+        cap, tokenizer = self.engine.max_observation_tokens, self.engine.tokenizer
+        if cap is None:
+            return text
+        ids = encode_text(tokenizer, text)
+        if len(ids) <= cap:
+            return text
+        return OBSERVATION_CUT_MARK + tokenizer.decode(ids[-cap:], skip_special_tokens=False,
+                                                        clean_up_tokenization_spaces=False)
 
 
 def _single_token_id(tokenizer, text: str) -> int:

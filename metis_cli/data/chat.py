@@ -32,6 +32,8 @@ sequence per run.
 Extra template variables (`model.chat_template_kwargs`, e.g. `enable_thinking`) are stored on the
 tokenizer when it is loaded (`set_chat_template_kwargs`), so every render here passes them.
 
+For users: docs/formats.md (How conversations become tokens).
+
 Must not touch: sampling (agent/rollout.py), dataset loading (data/*), model loading (model/*).
 """
 
@@ -300,7 +302,8 @@ def _part_at(tokenizer, text: str, at: int, messages: Messages) -> str:
         cursor, last = start + len(content), (index, role)
     if end_token in text and at >= text.rfind(end_token) + len(end_token):
         return "the generation prompt"
-    return "the text after the last message" if last is None else f"the end of the {last[1]} turn (message {last[0]})"
+    return "the text before the first message" if last is None else (
+        f"the template text of the {last[1]} turn (message {last[0]})")
 
 
 def _template_name(tokenizer) -> str:

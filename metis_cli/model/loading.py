@@ -36,9 +36,13 @@ def check_model_path(path: str, field: str) -> None:
         raise ModelError(f"{field}: model folder not found: {path} (train the stage that writes it first, or fix the path)")
 
 
-def load_tokenizer(path: str, *, field: str = "model.name_or_path", trust_remote_code: bool = False):
+def load_tokenizer(path: str, *, field: str = "model.name_or_path", trust_remote_code: bool = False,
+                   chat_template_kwargs: dict | None = None):
+    """The tokenizer of a model folder; `chat_template_kwargs` (the recipe's
+    `model.chat_template_kwargs`) go to its chat template in every render (data/chat.py)."""
     from transformers import AutoTokenizer
 
+    from metis_cli.data.chat import set_chat_template_kwargs
     from metis_cli.model.runtime import quiet_libraries
 
     quiet_libraries()
@@ -53,6 +57,7 @@ def load_tokenizer(path: str, *, field: str = "model.name_or_path", trust_remote
         raise ModelError(f"{field}: cannot load a tokenizer from {source}: {error}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    set_chat_template_kwargs(tokenizer, chat_template_kwargs)
     return tokenizer
 
 
@@ -113,7 +118,8 @@ def load_policy(path: str, recipe, *, device: str, field: str, trainable: bool =
     from metis_cli.model.runtime import pick_dtype
 
     dtype = pick_dtype(recipe.model.dtype, device)
-    tokenizer = load_tokenizer(path, field=field, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(path, field=field, trust_remote_code=recipe.model.trust_remote_code,
+                               chat_template_kwargs=recipe.model.chat_template_kwargs)
     if (Path(path) / "adapter_config.json").exists():
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

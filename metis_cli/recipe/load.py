@@ -30,7 +30,7 @@ shipped next to it wherever it is run from."""
 
 def builtin_recipes() -> dict[str, Path]:
     """Name -> path of every built-in recipe."""
-    return {path.stem: path for path in sorted(BUILTIN_RECIPES.glob("*.yaml"))}
+    return {path.stem: path for path in sorted(BUILTIN_RECIPES.glob("*.yaml"), key=lambda path: path.stem)}
 
 
 def resolve_recipe_path(path: str | Path) -> Path:
@@ -281,6 +281,13 @@ def _check_semantics(recipe: Recipe) -> list[tuple[FieldPath, str]]:
             problems.append(((*path, "path"), f"file not found: {source.path}"))
     if recipe.rollout.max_new_tokens > recipe.rollout.max_total_tokens:
         problems.append((("rollout", "max_new_tokens"), "must be <= rollout.max_total_tokens"))
+    response = recipe.rollout.max_response_tokens
+    if response is not None and response >= recipe.rollout.max_total_tokens:
+        problems.append((("rollout", "max_response_tokens"), "must be < rollout.max_total_tokens, which also counts "
+                         "the prompt (set max_total_tokens to the longest prompt + max_response_tokens)"))
+    if recipe.hdpo.mini_batches > recipe.hdpo.prompts_per_step:
+        problems.append((("hdpo", "mini_batches"), f"a mini-batch holds whole groups: at most hdpo.prompts_per_step "
+                         f"({recipe.hdpo.prompts_per_step}) mini-batches"))
     return problems
 
 

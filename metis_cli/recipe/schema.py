@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 # The tools and reward sections, re-exported: every section is importable from here.
 from metis_cli.recipe.schema_reward import JudgeConfig, RewardConfig, RewardJudgeConfig  # noqa: F401
@@ -93,18 +93,15 @@ class ModelConfig(Section):
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (sft and hdpo).")
 
-    @model_validator(mode="after")
-    def _template_kwargs_are_variables(self) -> ModelConfig:
-        taken = sorted(set(self.chat_template_kwargs) & _RENDER_ARGUMENTS)
-        if taken:
-            raise ValueError(f"chat_template_kwargs: {', '.join(taken)} is set by metis itself; "
-                             "give only the template's own variables (e.g. enable_thinking)")
-        return self
-
-
-_RENDER_ARGUMENTS = {"messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                     "continue_final_message", "tokenize", "return_dict", "return_assistant_tokens_mask"}
-"""Arguments metis passes to apply_chat_template itself, so not template variables."""
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(kwargs) & {"messages", "conversation", "tools", "documents", "chat_template",
+                                      "add_generation_prompt", "continue_final_message", "tokenize"})
+        if taken:  # apply_chat_template's own arguments
+            raise ValueError(f"{', '.join(taken)} is set by metis itself; give only the template's own variables "
+                             "(e.g. enable_thinking)")
+        return kwargs
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -181,9 +178,21 @@ class VllmConfig(Section):
 
 class RolloutConfig(Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
-    max_turns: int = Field(10, gt=0, description="Assistant turns per rollout (tool calls + answer).")
+    max_turns: int = Field(
+        10, gt=0, description="Assistant turns per rollout. A turn ends at its first </tool_call> (that call runs) "
+        "or answers; a call in the last turn is not run and ends the rollout, so at most max_turns - 1 tool calls "
+        "run (the reference's 'max_turns=10', up to 10 tool calls, is 11 here)."
+    )
     max_new_tokens: int = Field(512, gt=0, description="Tokens generated per assistant turn.")
     max_total_tokens: int = Field(4096, gt=0, description="Whole rollout length cap (prompt + all turns).")
+    max_response_tokens: int | None = Field(
+        None, gt=0, description="Budget of everything after the prompt, across all turns: generated tokens and "
+        "the forced tool-turn tokens (observations) alike; null = only max_total_tokens caps the rollout."
+    )
+    max_observation_tokens: int | None = Field(
+        None, gt=0, description="One tool result is cut to its last this many tokens (marked as cut) before it is "
+        "shown to the model, as the reference agent loop does; null = no cap (each tool's own output limit stays)."
+    )
     temperature: float = Field(1.0, ge=0, description="Sampling temperature for RL rollouts.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling for RL rollouts.")
     batch_size: int = Field(64, gt=0, description="Sequences per generate call (hf backend).")
@@ -235,12 +244,28 @@ class HdpoConfig(Section):
     w_acc: float = Field(1.0, ge=0, description="Weight of the accuracy-channel loss.")
     w_tool: float = Field(0.15, ge=0, description="Weight of the efficiency-channel loss (paper: 0.15).")
     clip_eps: float = Field(0.2, gt=0, description="PPO clip range.")
+    dual_clip_c: float | None = Field(
+        None, gt=1, description="Dual-clip bound c: for A < 0 a token's loss is at most -c * A, so a ratio past c "
+        "stops pushing (the reference trainer: 3); null = plain PPO-clip. Acts only off-policy (mini_batches or "
+        "ppo_epochs > 1); with one update per step the ratio is 1."
+    )
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the frozen initial policy (paper: 0).")
     lr: float = Field(1e-6, gt=0, description="Learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
-    ppo_epochs: int = Field(1, gt=0, description="Optimizer passes over each batch of rollouts.")
+    ppo_epochs: int = Field(1, gt=0, description="Passes over each step's rollouts (each pass: one optimizer "
+                            "step per mini-batch).")
+    mini_batches: int = Field(
+        1, gt=0, description="Optimizer steps per pass: the step's groups are split into this many mini-batches of "
+        "whole groups (fewer when fewer groups are kept). Old log-probs are taken once before the first, so later "
+        "ones are off-policy and clipping acts (the reference: 128 prompts in 2 mini-batches of 64)."
+    )
     micro_batch_size: int = Field(16, gt=0, description="Rollouts per forward/backward.")
+    loss_agg: Literal["batch_token_mean", "micro_batch_token_mean"] = Field(
+        "batch_token_mean", description="batch_token_mean: token mean over the whole mini-batch, independent of "
+        "micro_batch_size; micro_batch_token_mean: token mean per micro-batch scaled by its share of the "
+        "rollouts, as the reference trainer (depends on micro_batch_size; docs/algorithm.md)."
+    )
     coupled: CoupledConfig = Field(default_factory=CoupledConfig, description="Settings of the coupled baseline.")
     drop_no_signal_groups: bool = Field(
         False, description="Leave out of the update the groups without a learning signal in either channel "

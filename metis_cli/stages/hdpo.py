@@ -17,7 +17,9 @@ What one step does (docs/algorithm.md; how it runs: docs/rl-step.md):
      0.2, on the same log-probs; L_acc averages over all sampled tokens, L_tool over sampled
      tokens of rollouts with A_tool != 0. Optional k3 KL to the frozen initial policy (off by
      default, as in the paper). Old log-probs are the trainer's own (recomputed), not the
-     sampler's; the gap is logged as `logprob_mismatch`.
+     sampler's; the gap is logged as `logprob_mismatch`. One optimizer step per mini-batch of
+     whole groups (`hdpo.mini_batches`, x `ppo_epochs`); after the first the ratio moves off 1
+     and the clip (and `hdpo.dual_clip_c`) acts. Aggregation: `hdpo.loss_agg`.
   Early on few groups have two correct rollouts, so the efficiency channel is mostly silent and
   accuracy dominates; as accuracy rises it switches on by itself (`efficiency_group_share`).
 Baselines (`hdpo.estimator`): grpo (accuracy channel only), coupled (one scalar reward

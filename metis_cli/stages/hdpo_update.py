@@ -1,10 +1,15 @@
-"""The policy update of one RL step: PPO-clip over the kept rollouts, micro-batched by prompt.
+"""The policy update of one RL step: PPO-clip over the kept rollouts, in mini-batches of whole
+groups, each micro-batched by prompt.
 
-`policy_update` collates the kept rollouts, runs `ppo_epochs` optimizer steps over them and
-returns the figures metrics.jsonl logs (`UpdateFigures`). The loss is `algo.losses.hdpo_loss`
-with batch-wide token denominators, so splitting the batch into micro-batches leaves it unchanged
-(docs/rl-step.md, step 5). Old log-probs are the trainer's own: with one PPO epoch they are the
-current log-probs detached (ratio 1); with more, they are computed once before the first epoch.
+`policy_update` collates the kept rollouts, splits the step's groups into `hdpo.mini_batches`
+mini-batches, and for each of `hdpo.ppo_epochs` epochs takes one optimizer step per mini-batch;
+it returns the figures metrics.jsonl logs (`UpdateFigures`). The loss is `algo.losses.hdpo_loss`,
+normalised per `hdpo.loss_agg` (`algo.losses.micro_batch_norms`): by default with the mini-batch's
+token denominators, so splitting it into micro-batches leaves it unchanged (docs/rl-step.md,
+step 5). Old log-probs are the trainer's own: with one mini-batch and one epoch they are the
+current log-probs detached (ratio 1, clipping never acts); otherwise they are computed once,
+before the first optimizer step, so every later step is off-policy and the clip (and dual-clip)
+acts.
 
 Must not touch: sampling, rewards, advantages, weight sync to the backend (the stage does that).
 """
@@ -17,7 +22,7 @@ import torch
 from torch import Tensor
 
 from metis_cli.agent.rollout import Rollout, RolloutBatch
-from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean
+from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean, micro_batch_norms
 from metis_cli.algo.types import Advantages
 from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt
 
@@ -26,10 +31,12 @@ from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_pr
 class UpdateFigures:
     """What one update logs (metrics.jsonl names; docs/metrics.md).
 
-    loss, loss_acc, loss_tool: sums over the micro-batches of the first PPO epoch, which with
-        batch-wide denominators are the batch's losses;
+    loss, loss_acc, loss_tool: of the first PPO epoch, the mean over the mini-batches of each
+        mini-batch's loss (its scaled micro-batch losses summed), so with one mini-batch the
+        step's loss;
     clip_frac_acc, clip_frac_tool, entropy, logprob_mismatch: first epoch, each micro-batch
-        weighted by its share of the batch's trained tokens;
+        weighted by its share of the step's trained tokens (later mini-batches are off-policy,
+        so their clip fractions can be > 0);
     kl: the same token-share weighting, averaged over all PPO epochs (0 without a reference);
     grad_norm, update_rms: of the first optimizer step (`train.optimizer.StepStats`).
     """
@@ -58,6 +65,16 @@ class MicroBatch:
     sampler_logprobs: Tensor  # [K, W] float
     a_acc: Tensor  # [K]
     a_tool: Tensor | None  # [K], or None without an efficiency channel
+
+    @property
+    def tokens(self) -> float:
+        """Trained tokens (L_acc's mask)."""
+        return float(self.loss_mask.sum())
+
+    @property
+    def tool_tokens(self) -> float:
+        """Trained tokens of rollouts with A_tool != 0 (L_tool's mask); 0 without that channel."""
+        return float(self.loss_mask[self.a_tool != 0].sum()) if self.a_tool is not None else 0.0
 
     def logprobs(self, policy, temperature: float, with_entropy: bool = False):
         """(token log-probs [K, W], entropy [K, W] or None) of `policy` on these rows."""
@@ -88,58 +105,73 @@ def micro_batches(kept: list[Rollout], advantages: Advantages, size: int, *, pad
     return chunks
 
 
+def mini_batch_rows(group_ids: Tensor, count: int) -> list[Tensor]:
+    """Row indices of `count` mini-batches of whole groups (fewer when there are fewer groups):
+    the groups in order, split as evenly as possible. Args: group_ids [K]. Returns: [k_b] long
+    tensors, rows in their original order, covering every row once."""
+    groups = group_ids.unique()
+    return [torch.isin(group_ids, part).nonzero().squeeze(-1)
+            for part in groups.tensor_split(min(count, len(groups)))]
+
+
 def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages, cfg, *, pad_token_id: int,
                   temperature: float, device, reference=None) -> UpdateFigures:
-    """`cfg.ppo_epochs` PPO-clip optimizer steps on the `kept` rollouts (at least one).
+    """`cfg.ppo_epochs` x `cfg.mini_batches` PPO-clip optimizer steps on the `kept` rollouts (at least one).
 
     Args:
         model: the policy (trained in place); optimizer: its `train.optimizer.MasterWeights`
             (clips to `cfg.grad_clip` and steps the fp32 masters).
-        kept: the rollouts to train on; `advantages` holds one [K] entry per kept rollout.
-        cfg: the recipe's `hdpo` section (w_acc, w_tool, clip_eps, kl_coef, ppo_epochs,
-            micro_batch_size, grad_clip).
+        kept: the rollouts to train on, in group order; `advantages` holds one [K] entry per kept rollout.
+        cfg: the recipe's `hdpo` section (w_acc, w_tool, clip_eps, dual_clip_c, kl_coef, ppo_epochs,
+            mini_batches, micro_batch_size, loss_agg, grad_clip).
         temperature: the sampling temperature (log-probs are of the temperature-scaled policy).
         reference: the frozen initial policy for the k3 KL term, or None (no KL).
     """
-    chunks = micro_batches(kept, advantages, cfg.micro_batch_size, pad_token_id=pad_token_id, device=device)
+    group_ids = torch.tensor([r.prompt_index for r in kept])
+    minis = [micro_batches([kept[i] for i in rows.tolist()], advantages.select(rows), cfg.micro_batch_size,
+                           pad_token_id=pad_token_id, device=device)
+             for rows in mini_batch_rows(group_ids, cfg.mini_batches)]
     two_channels = advantages.tool is not None
-    # Batch-wide token totals: the micro-batch losses then sum to the batch loss.
-    acc_total = float(sum(float(c.loss_mask.sum()) for c in chunks))
-    tool_total = (float(sum(float(c.loss_mask[c.a_tool != 0].sum()) for c in chunks)) if two_channels else None)
+    step_tokens = max(sum(chunk.tokens for chunks in minis for chunk in chunks), 1.0)
     old_logp = None
-    if cfg.ppo_epochs > 1:
+    if cfg.ppo_epochs > 1 or len(minis) > 1:  # off-policy after the first step: fix the old policy now
         with torch.no_grad():
-            old_logp = [chunk.logprobs(model, temperature)[0] for chunk in chunks]
+            old_logp = [[chunk.logprobs(model, temperature)[0] for chunk in chunks] for chunks in minis]
     figures = UpdateFigures()
+    first_step = True
     for epoch in range(cfg.ppo_epochs):
-        optimizer.zero_grad()
-        for number, chunk in enumerate(chunks):
-            logp, entropy = chunk.logprobs(model, temperature, with_entropy=epoch == 0)
-            old = old_logp[number] if old_logp is not None else logp.detach()
-            parts = hdpo_loss(
-                logp, old, chunk.loss_mask, chunk.a_acc, chunk.a_tool,
-                cfg.w_acc, cfg.w_tool if two_channels else 0.0, cfg.clip_eps,
-                acc_token_total=acc_total, tool_token_total=tool_total or None,
-            )
-            loss = parts.loss
-            share = float(chunk.loss_mask.sum()) / max(acc_total, 1.0)
-            if reference is not None:
-                with torch.no_grad():
-                    ref_logp, _ = chunk.logprobs(reference, temperature)
-                kl = kl_k3(logp, ref_logp, chunk.loss_mask)
-                loss = loss + cfg.kl_coef * kl * share
-                figures.kl += float(kl.detach()) * share / cfg.ppo_epochs
-            loss.backward()
-            if epoch == 0:
-                figures.loss += float(parts.loss.detach())
-                figures.loss_acc += float(parts.loss_acc)
-                figures.loss_tool += float(parts.loss_tool)
-                figures.clip_frac_acc += parts.clip_frac_acc * share
-                figures.clip_frac_tool += parts.clip_frac_tool * share
-                figures.entropy += float(masked_mean(entropy, chunk.loss_mask)) * share
-                mismatch = (logp.detach() - chunk.sampler_logprobs).abs()
-                figures.logprob_mismatch += float(masked_mean(mismatch, chunk.loss_mask)) * share
-        stats = optimizer.step(cfg.grad_clip)
-        if epoch == 0:
-            figures.grad_norm, figures.update_rms = stats.grad_norm, stats.update_rms
+        for mini, chunks in enumerate(minis):
+            norms = micro_batch_norms([c.tokens for c in chunks], [c.tool_tokens for c in chunks],
+                                      [len(c.a_acc) for c in chunks], cfg.loss_agg)
+            optimizer.zero_grad()
+            for number, (chunk, norm) in enumerate(zip(chunks, norms)):
+                logp, entropy = chunk.logprobs(model, temperature, with_entropy=epoch == 0)
+                old = old_logp[mini][number] if old_logp is not None else logp.detach()
+                parts = hdpo_loss(
+                    logp, old, chunk.loss_mask, chunk.a_acc, chunk.a_tool,
+                    cfg.w_acc, cfg.w_tool if two_channels else 0.0, cfg.clip_eps, dual_clip_c=cfg.dual_clip_c,
+                    acc_token_total=norm.acc_token_total, tool_token_total=norm.tool_token_total,
+                )
+                loss = parts.loss * norm.scale
+                share = chunk.tokens / step_tokens
+                if reference is not None:
+                    with torch.no_grad():
+                        ref_logp, _ = chunk.logprobs(reference, temperature)
+                    kl = kl_k3(logp, ref_logp, chunk.loss_mask)
+                    loss = loss + cfg.kl_coef * kl * norm.token_mean_weight(chunk.tokens)
+                    figures.kl += float(kl.detach()) * share / cfg.ppo_epochs
+                loss.backward()
+                if epoch == 0:
+                    figures.loss += float(parts.loss.detach()) * norm.scale / len(minis)
+                    figures.loss_acc += float(parts.loss_acc) * norm.scale / len(minis)
+                    figures.loss_tool += float(parts.loss_tool) * norm.scale / len(minis)
+                    figures.clip_frac_acc += parts.clip_frac_acc * share
+                    figures.clip_frac_tool += parts.clip_frac_tool * share
+                    figures.entropy += float(masked_mean(entropy, chunk.loss_mask)) * share
+                    mismatch = (logp.detach() - chunk.sampler_logprobs).abs()
+                    figures.logprob_mismatch += float(masked_mean(mismatch, chunk.loss_mask)) * share
+            stats = optimizer.step(cfg.grad_clip)
+            if first_step:
+                figures.grad_norm, figures.update_rms = stats.grad_norm, stats.update_rms
+                first_step = False
     return figures

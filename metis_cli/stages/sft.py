@@ -1,7 +1,7 @@
 """`metis sft`: cold-start supervised fine-tuning on chat trajectories.
 
 Loss is next-token cross-entropy on assistant tokens only (prompt and tool output masked; the
-mask comes from `data.chat.tokenize_conversation`, the same token cut the rollout engine uses),
+mask comes from `data.chat.tokenize_runs`, the same token cut the rollout engine uses),
 averaged over the assistant tokens of each optimizer step. Phases train in order (for the tiny
 recipe: "knowledge" direct answers, then cold-start tool-use trajectories). Full fine-tuning or
 LoRA, gradient accumulation, warmup + cosine/linear decay, held-out eval loss, atomic
@@ -86,7 +86,7 @@ class SftStage:
         self.model.train()
 
     def _setup_data(self) -> None:
-        from metis_cli.data.chat import tokenize_conversation
+        from metis_cli.data.chat import tokenize_runs
         from metis_cli.data.sources import load_sources
         from metis_cli.telemetry.progress import spinner
 
@@ -94,7 +94,7 @@ class SftStage:
         self.phases: list[list[tuple[list[int], list[int]]]] = []
         self.eval_set: list[tuple[list[int], list[int]]] = []
         self.dropped_too_long = 0
-        cache: dict[str, tuple[list[int], list[int]]] = {}
+        cache: dict[str, list[tuple[list[int], list[int]]]] = {}
         with spinner("sft: tokenizing trajectories", quiet=self.quiet):
             for p, phase in enumerate(self.cfg.phases):
                 examples = load_sources(phase.data, self.recipe, need_answer=False)
@@ -106,12 +106,12 @@ class SftStage:
                     tools = self._tool_specs(conversation)
                     key = repr((conversation, bool(tools)))
                     if key not in cache:
-                        cache[key] = tokenize_conversation(self.tokenizer, conversation, tools)
-                    ids, mask = cache[key]
-                    if len(ids) > self.cfg.max_seq_len:
-                        self.dropped_too_long += 1
-                        continue
-                    encoded.append((ids, mask))
+                        cache[key] = tokenize_runs(self.tokenizer, conversation, tools)
+                    for ids, mask in cache[key]:  # one sequence unless the template re-renders at a new question
+                        if len(ids) > self.cfg.max_seq_len:
+                            self.dropped_too_long += 1
+                            continue
+                        encoded.append((ids, mask))
                 rng.shuffle(encoded)
                 n_eval = int(len(encoded) * self.cfg.eval_share)
                 self.eval_set += encoded[:n_eval]
