@@ -8,6 +8,9 @@ says how to fix it. The CLI prints the message without a traceback and exits wit
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class MetisError(Exception):
     """A mistake the user can fix; `str(error)` is the one line the CLI prints."""
@@ -47,3 +50,37 @@ class RunFolderError(MetisError):
 
 class HubError(MetisError):
     """The Hugging Face Hub cannot be reached, or refuses the token or the repo (`metis push`)."""
+
+
+class EndpointError(MetisError):
+    """An outside service the recipe names (an LLM judge, a web search API) is unreachable, rejects
+    the key, does not serve the model, or stopped answering during a run. The message names the
+    recipe field and the URL (docs/faults.md)."""
+
+
+class StorageError(MetisError, OSError):
+    """Writing a file failed for a reason outside metis: no space left, permission denied, a
+    read-only file system. The message names the path, says what the error number means and how
+    to go on (docs/faults.md). Also an OSError, so code that tolerates an unwritable file (a
+    cache) still does."""
+
+    def __init__(self, error_number: int, path: str | None, *, then: str = "then --resume"):
+        meaning = os.strerror(error_number)
+        super().__init__(error_number, meaning, path)
+        where = f"writing {path}" if path else "while writing"
+        fix = STORAGE_FIXES.get(error_number, "check the disk")
+        self.message = f"{meaning[:1].lower()}{meaning[1:]} {where}; {fix}, {then}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+STORAGE_FIXES = {
+    errno.ENOSPC: "free space",
+    errno.EDQUOT: "free space or raise the disk quota",
+    errno.EACCES: "make that folder writable",
+    errno.EPERM: "make that folder writable",
+    errno.EROFS: "the file system is read-only: remount it read-write",
+    errno.EIO: "check the disk",
+}
+"""The error numbers that mean "the storage failed", not "metis did something wrong", and what to do."""

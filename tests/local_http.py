@@ -11,13 +11,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class LocalJSONServer:
     """Answers every POST with `respond(request) -> (status, payload)`, where request is
     {"path", "headers", "body"} (body parsed as JSON) and payload a JSON value, or a str sent as
-    is. Every request is recorded in `requests`. Use as a context manager."""
+    is. Every POST is recorded in `requests`. A GET of `.../models` lists `models` the way an
+    OpenAI-compatible server does (metis's preflight asks it; not recorded). Use as a context
+    manager."""
 
-    def __init__(self, respond: Callable[[dict], tuple[int, object]]):
+    def __init__(self, respond: Callable[[dict], tuple[int, object]], models: list[str] | None = None):
         self.requests: list[dict] = []
+        self.models = list(models or [])
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if not self.path.rstrip("/").endswith("/models"):
+                    self.send_error(404)
+                    return
+                listing = {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]}
+                data = json.dumps(listing).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 request = {"path": self.path, "headers": dict(self.headers), "body": body}

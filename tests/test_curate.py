@@ -235,7 +235,7 @@ def test_unreachable_judge_is_an_error_not_a_silent_keep_or_drop(tmp_path):
     recipe = write_recipe(tmp_path, data, curate=judge_settings(url, max_retries=1, timeout_s=2.0))
     result, _ = curate(recipe)
     assert result.exit_code == 2, result.output
-    assert url in result.output and "--resume" in result.output
+    assert url in result.output and "curate.filters.judge" in result.output  # found by the preflight
     assert not (tmp_path / "run" / "curated" / "curated.jsonl").exists()
 
 

@@ -16,8 +16,8 @@ from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean
 from metis_cli.algo.types import Advantages
 from metis_cli.recipe.load import load_recipe
 from metis_cli.stages.hdpo_update import policy_update
-from metis_cli.train.optimizer import MasterWeights
 from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt, token_logprobs
+from metis_cli.train.optimizer import MasterWeights
 from metis_cli.model.tiny import build_tiny_model
 
 torch.set_num_threads(1)

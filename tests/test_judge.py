@@ -31,7 +31,7 @@ class ScriptedServer(LocalJSONServer):
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
 
-        super().__init__(respond)
+        super().__init__(respond, models=["judge", "judge-model"])  # the model names these tests use
 
     @property
     def base_url(self) -> str:

@@ -1,7 +1,8 @@
 """What every command shares: option types, the error boundary, and JSON/quiet output.
 
-Exit codes: 0 ok, 2 user error (`MetisError`, bad flags), 1 internal bug. A user error prints one
-line (what, where, how to fix) to stderr and no traceback; `METIS_DEBUG=1` shows the traceback.
+Exit codes: 0 ok, 2 user error (`MetisError`, bad flags) or a fault outside metis (a full disk,
+a dead judge: docs/faults.md), 1 internal bug. A user error prints one line (what, where, how to
+fix) to stderr and no traceback; `METIS_DEBUG=1` shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from metis_cli.errors import MetisError
+from metis_cli.files import storage_error_from
 
 RecipeArg = Annotated[
     Path, typer.Argument(help="Recipe YAML file, or a built-in recipe's name (metis recipes list).", show_default=False)
@@ -61,6 +63,10 @@ def cli_command(function: Callable) -> Callable:
         except Exception as error:  # noqa: BLE001 - the boundary that turns bugs into exit 1
             if _debug():
                 traceback.print_exc()
+            storage = storage_error_from(error, getattr(error, "filename", None))
+            if storage is not None:  # a full disk or a read-only folder no write site named
+                error_line(str(storage))
+                raise typer.Exit(storage.exit_code) from None
             error_line(
                 f"internal error: {type(error).__name__}: {error}. This is a bug in metis; "
                 "rerun with METIS_DEBUG=1 for the traceback and report it."

@@ -27,6 +27,10 @@ RedundancyOpt = Annotated[
     bool, typer.Option("--redundancy", help="Also answer with tools off and report tool calls the model did "
                        "not need (doubles the eval time)."),
 ]
+AllowUnscoredOpt = Annotated[
+    bool, typer.Option("--allow-unscored", help="Exit 0 even when the judge scored no answer of some subset "
+                       "(its accuracy is unknown; the report says so). Without it that exits 2."),
+]
 RunOpt = Annotated[
     Path | None, typer.Option("--run", help="Training run (runs/NAME or its hdpo folder) whose curves go into "
                               "plot.png. Default: the recipe's hdpo folder, if it has metrics.jsonl."),
@@ -36,7 +40,7 @@ RunOpt = Annotated[
 @cli_command
 def eval_command(recipe: RecipeArg, models: ModelOpt = None, samples: SamplesOpt = None, subsets: SubsetOpt = None,
                  redundancy: RedundancyOpt = False, run_dir: RunOpt = None, overrides: SetOpt = None,
-                 json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
+                 allow_unscored: AllowUnscoredOpt = False, json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Evaluate models on the recipe's eval sets; writes report.json, report.md and plot.png to eval.output."""
     from metis_cli.recipe import load_recipe
 
@@ -47,15 +51,23 @@ def eval_command(recipe: RecipeArg, models: ModelOpt = None, samples: SamplesOpt
                        run_dir=str(run_dir) if run_dir is not None else None, quiet=quiet or json_output)
     if json_output:
         print_json(result.report)
-        return
+    else:
+        _print_report(result, quiet)
+    if result.unscored and not allow_unscored:
+        raise stage.unscored_error(loaded, result)
+
+
+def _print_report(result, quiet: bool) -> None:
     from rich.console import Console
 
-    from metis_cli.evaluation.tables import legend, rich_tables
+    from metis_cli.evaluation.tables import legend, rich_tables, unscored_notes
 
     console = Console(file=sys.stdout)
     if not quiet:
         for table in rich_tables(result.report):
             console.print(table)
         console.print(legend(result.report), style="dim", highlight=False)
+        for note in unscored_notes(result.report):
+            console.print(note, style="yellow", highlight=False)
     console.print(f"report: {result.files['report.md']}  plot: {result.files['plot.png']}", highlight=False,
                   soft_wrap=True)

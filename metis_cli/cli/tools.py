@@ -1,7 +1,9 @@
 """`metis tools list|call`: see the tools a recipe gives the model, and call one by hand.
 
 `call` goes through the same registry path as a rollout (argument schema check, timeout,
-sandbox), so what it prints is exactly the observation the model would see. A tool that reports
+sandbox), so what it prints is exactly the observation the model would see. `--image PATH`
+(repeatable) gives image tools a conversation's images (image 0, 1, ...); images a tool returns
+are listed by size and written out with `--save-images DIR`. A tool that reports
 an error still exits 0; an unknown tool or invalid ARGS_JSON is a user error (exit 2).
 """
 
@@ -79,6 +81,28 @@ def _parse_arguments(arguments_json: str) -> dict:
     return arguments
 
 
+def _context(paths: list[Path]):
+    from metis_cli.agent.tools import ToolContext
+    from metis_cli.data.images import load_images
+
+    return ToolContext(images=tuple(load_images([str(path) for path in paths], where="--image")))
+
+
+def _returned_images(images: list, first_index: int, folder: Path | None) -> list[dict]:
+    """Size (and saved path) of each returned image; indices continue the conversation's."""
+    if folder is not None and images:
+        folder.mkdir(parents=True, exist_ok=True)
+    described = []
+    for index, returned in enumerate(images, start=first_index):
+        entry = {"index": index, "width": returned.width, "height": returned.height}
+        if folder is not None:
+            path = folder / f"image_{index}.png"
+            returned.save(path, format="PNG")
+            entry["path"] = str(path)
+        described.append(entry)
+    return described
+
+
 @app.command("call")
 @cli_command
 def call_tool(
@@ -87,6 +111,13 @@ def call_tool(
         str, typer.Argument(metavar="ARGS_JSON", help="""Arguments as a JSON object, e.g. '{"expression": "2+2"}'.""")
     ],
     recipe: RecipeOpt = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option("--image", help="An image of the conversation (repeatable; image_index 0 is the first)."),
+    ] = None,
+    save_images: Annotated[
+        Path | None, typer.Option("--save-images", help="Folder to write the images the tool returns to (PNG).")
+    ] = None,
     json_output: JsonOpt = False,
 ) -> None:
     """Call tool NAME with ARGS_JSON and print the observation the model would see."""
@@ -103,13 +134,18 @@ def call_tool(
             raise ToolConfigError(f"tool {name!r} is not enabled {where}; tools.enabled is [{enabled}]")
         raise ToolConfigError(f"unknown tool {name!r}; enabled tools: {enabled}")
     call = ParsedToolCall(name=name, arguments=arguments, raw=arguments_json, error=None)
-    [result] = registry.execute_many([(call, 0)])
+    context = _context(image or [])
+    [result] = registry.execute_many([(call, 0)], contexts=[context])
+    returned = _returned_images(result.images, len(context.images), save_images)
     if json_output:
         print_json(
             {"tool": name, "arguments": arguments, "text": result.text, "error": result.error,
-             "runtime_s": round(result.runtime_s, 4)}
+             "runtime_s": round(result.runtime_s, 4), "images": returned}
         )  # fmt: skip
         return
     typer.echo(result.text)
+    for shown in returned:
+        saved = f" -> {shown['path']}" if "path" in shown else ""
+        typer.echo(f"[image {shown['index']} {shown['width']}x{shown['height']}]{saved}")
     if result.error is not None:
         typer.echo(f"(tool error: {result.error}, {result.runtime_s:.2f} s)", err=True)

@@ -119,6 +119,10 @@ def run(recipe: RecipeArg, overrides: SetOpt = None, overwrite: OverwriteOpt = F
 
     loaded = _load(recipe, overrides)
     quiet_stages = quiet or json_output
+    if overwrite or not is_done(loaded.hdpo.output):
+        from metis_cli.rewards.preflight import preflight
+
+        preflight(loaded, "hdpo")  # before sft: a dead judge must not surface only after the sft stage
 
     def say(message: str) -> None:
         if not quiet_stages:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metis_cli.errors import RunFolderError
-from metis_cli.files import write_atomic
+from metis_cli.files import append_whole, write_atomic
 from metis_cli.telemetry.run import DONE_FILE
 
 DECISIONS_FILE = "decisions.jsonl"
@@ -122,10 +122,7 @@ class DecisionLog:
         if not records:
             return
         text = "".join(json.dumps(record, ensure_ascii=False, default=str) + "\n" for record in records)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_whole(self.path, text, fsync=True)
 
     def records(self) -> Iterator[dict]:
         """Every complete decision, in the order written (a half-written last line is cut off)."""

@@ -3,7 +3,7 @@
 The judge client, its retries with backoff and its configuration errors (rejected key, unknown
 model) are `rewards/judge.py`'s `OpenAIJudge`; this module only changes the question it asks:
 is every tool call needed, and is no needed call missing? A judge that gives no verdict after
-its retries (unreachable, failing, or not answering yes/no) stops the run with a MetisError:
+its retries (unreachable, failing, or not answering yes/no) stops the run with an EndpointError:
 silently keeping or dropping the row would make the curated set depend on network luck. Rows
 already decided are saved, so `--resume` continues once the judge is back.
 """
@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from metis_cli.curate.rows import Candidate
 from metis_cli.curate.validity import reply_of
-from metis_cli.errors import MetisError
+from metis_cli.errors import EndpointError
 from metis_cli.rewards.judge import OpenAIJudge
 
 STRATEGIC_SYSTEM_PROMPT = (
@@ -66,7 +66,7 @@ class JudgeFilter:
             verdicts = list(pool.map(self._verdict, rows))
         for row, verdict in zip(rows, verdicts):
             if verdict is None:
-                raise MetisError(
+                raise EndpointError(
                     f"curate.filters.judge: the judge at {self.cfg.base_url} (model {self.cfg.model!r}) gave no "
                     f"yes/no verdict for row {row.example.id!r} after {self.cfg.max_retries} retries: it is "
                     "unreachable, failing, or not answering yes/no. Check base_url and model, then rerun "

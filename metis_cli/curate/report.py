@@ -14,10 +14,11 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 
 from metis_cli.curate.decisions import DECISIONS_FILE
-from metis_cli.files import write_atomic
+from metis_cli.files import storage_errors, write_atomic
 
 MALFORMED_LISTED = 50  # malformed-row messages listed in report.json (all are in decisions.jsonl)
 
@@ -133,20 +134,25 @@ class _AtomicText:
     def __enter__(self) -> _AtomicText:
         if self.path is not None:
             self.partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-            self.handle = self.partial.open("w", encoding="utf-8")
+            with storage_errors(self.path):
+                self.handle = self.partial.open("w", encoding="utf-8")
         return self
 
     def write(self, row: dict) -> None:
-        self.handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        with storage_errors(self.path):
+            self.handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
 
     def __exit__(self, error_type, *exc) -> None:
         if self.handle is None:
             return
-        self.handle.close()
-        if error_type is None:
-            os.replace(self.partial, self.path)
-        else:
-            self.partial.unlink(missing_ok=True)
+        with storage_errors(self.path):
+            try:
+                self.handle.close()
+                if error_type is None:
+                    os.replace(self.partial, self.path)
+            finally:
+                with suppress(OSError):
+                    self.partial.unlink(missing_ok=True)
 
 
 def _write_parquet(rows: list[dict], path: Path) -> None:
@@ -154,6 +160,11 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
     import pyarrow.parquet as pq
 
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    pq.write_table(pa.Table.from_pylist(rows), partial)
-    os.replace(partial, path)
+    with storage_errors(path):
+        try:
+            pq.write_table(pa.Table.from_pylist(rows), partial)
+            os.replace(partial, path)
+        finally:
+            with suppress(OSError):
+                partial.unlink(missing_ok=True)
 

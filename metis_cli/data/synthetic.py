@@ -29,8 +29,11 @@ import hashlib
 import json
 import os
 import random
+from contextlib import suppress
 from pathlib import Path
 from typing import Iterable, Literal
+
+from metis_cli.files import storage_errors
 
 Subset = Literal["easy", "hard"]
 
@@ -208,12 +211,17 @@ def eval_prompts(n_per_subset: int, seed: int) -> list[dict]:
 def write_jsonl(rows: Iterable[dict], path: Path) -> Path:
     """Write one JSON object per line, atomically (temp file then rename). Returns `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temp_path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temp_path, path)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with temp_path.open("w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(temp_path, path)
+        finally:
+            with suppress(OSError):
+                temp_path.unlink(missing_ok=True)
     return path
 
 

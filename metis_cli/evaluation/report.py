@@ -249,3 +249,10 @@ def build_report(
         "models": entries,
         "training_run": training_run,
     }
+
+
+def unscored_subsets(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(model, subset) of every subset with answers of which none could be scored (the judge gave
+    no verdict): its accuracy is unknown, not 0. The "all" row is left out."""
+    return [(model["name"], subset) for model in report["models"] for subset, figures in model["subsets"].items()
+            if subset != ALL_SUBSETS and figures["answers"] and figures["unscored"] == figures["answers"]]

@@ -37,11 +37,12 @@ class Column:
     key: str
     header: str
     fmt: Callable[[float], str]
+    scored: bool = False  # a figure of scored answers only: "unscored" when none could be scored
 
 
 ANSWER_COLUMNS = [
     Column("questions", "n", _count),
-    Column("accuracy", "accuracy", _percent),
+    Column("accuracy", "accuracy", _percent, scored=True),
     Column("tool_call_ratio", "tool use", _percent),
     Column("tool_calls_mean", "calls", _number),
     Column("tool_errors", "errors", _count),
@@ -79,7 +80,7 @@ def tables(report: dict) -> list[tuple[str, list[Column]]]:
     answers = list(ANSWER_COLUMNS)
     if report.get("samples", 1) > 1:
         k = report["samples"]
-        answers.insert(2, Column(f"pass@{k}", f"pass@{k}", _percent))
+        answers.insert(2, Column(f"pass@{k}", f"pass@{k}", _percent, scored=True))
     economy = ECONOMY_COLUMNS + (REDUNDANCY_COLUMNS if report.get("redundancy") else [])
     return [("answers", answers), ("tool economy", economy)]
 
@@ -95,8 +96,32 @@ def rows(report: dict, chosen: list[Column]) -> list[tuple[str, str, list[str]]]
             figures = model["subsets"].get(subset)
             if figures is None:
                 continue
-            result.append((model["name"], subset, [_cell(figures.get(c.key), c.fmt) for c in chosen]))
+            result.append((model["name"], subset, [_figure_cell(figures, c) for c in chosen]))
     return result
+
+
+def _figure_cell(figures: dict, column: Column) -> str:
+    none_scored = bool(figures.get("answers")) and figures.get("unscored") == figures.get("answers")
+    if column.scored and none_scored:
+        return "unscored"
+    return _cell(figures.get(column.key), column.fmt)
+
+
+def unscored_notes(report: dict) -> list[str]:
+    """One line per (model, subset) with answers the judge could not score (the "all" row aside)."""
+    notes = []
+    for model in report["models"]:
+        for subset, figures in model["subsets"].items():
+            answers, unscored = figures.get("answers", 0), figures.get("unscored", 0)
+            if subset == ALL_SUBSETS or not unscored:
+                continue
+            if unscored == answers:
+                notes.append(f"{model['name']} / {subset}: none of its {answers} answers could be scored (the judge "
+                             "gave no verdict); its accuracy is unknown, not 0.")
+            else:
+                notes.append(f"{model['name']} / {subset}: {unscored} of {answers} answers could not be scored (the "
+                             "judge gave no verdict) and are left out of its accuracy.")
+    return notes
 
 
 def _cell(value: Any, fmt: Callable[[float], str]) -> str:
@@ -148,6 +173,9 @@ def markdown(report: dict) -> str:
     for model in report["models"]:
         if model.get("unpriced_tools"):
             lines.append(f"- {model['name']} called tools without a price: {', '.join(model['unpriced_tools'])}.")
+    notes = unscored_notes(report)
+    if notes:
+        lines += ["", "Unscored answers:"] + [f"- {note}" for note in notes]
     lines += ["", legend(report)]
     lines += ["", "Models:"] + [f"- {m['name']}: `{m['path']}`" for m in report["models"]]
     if report.get("training_run"):

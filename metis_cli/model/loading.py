@@ -3,6 +3,11 @@
 A model path may be a folder written by `save_pretrained`, a peft adapter folder (its base is read
 from adapter_config.json), or a hub id (needs network). For recipes with `model.build_tiny`, the
 tiny model is built at `model.name_or_path` the first time it is needed.
+
+Vision-language models (a config with `vision_config`: Qwen3-VL, Qwen2.5-VL) load with
+`AutoModelForImageTextToText` (`AutoModelForCausalLM` refuses their configs); their vision tower
+is frozen when `model.freeze_vision` is set and never gets LoRA adapters. Their processor is
+model/processor.py's.
 """
 
 from __future__ import annotations
@@ -71,36 +76,78 @@ def adapter_base(path: str) -> str:
     return base
 
 
-def load_model(path: str, *, dtype, device: str, field: str = "model.name_or_path", trust_remote_code: bool = False):
-    """A causal LM from a model folder or a LoRA adapter folder (merged for inference use)."""
-    from transformers import AutoModelForCausalLM
+def model_class(path: str, *, trust_remote_code: bool = False):
+    """The transformers auto class that loads `path`: image-text-to-text for a vision-language
+    config, causal LM otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    from metis_cli.model.processor import is_vision_language
+
+    if is_vision_language(path, trust_remote_code=trust_remote_code):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def load_model(path: str, *, dtype, device: str, field: str = "model.name_or_path", trust_remote_code: bool = False):
+    """A causal LM (or vision-language model) from a model folder or a LoRA adapter folder."""
     from metis_cli.model.runtime import quiet_libraries
 
     quiet_libraries()
     check_model_path(path, field)
+    auto_class = model_class(path, trust_remote_code=trust_remote_code)
     try:
         if (Path(path) / "adapter_config.json").exists():
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code)
+            base = auto_class.from_pretrained(adapter_base(path), dtype=dtype, trust_remote_code=trust_remote_code)
             model = PeftModel.from_pretrained(base, path)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = auto_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ModelError(f"{field}: cannot load a model from {path}: {error}") from None
     return model.to(device)
 
 
+def vision_tower_name(model) -> str | None:
+    """The module name of the model's vision tower (`model.visual` in Qwen3-VL and Qwen2.5-VL,
+    projector included), or None for a text-only model."""
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] in _VISION_TOWER_NAMES:
+            return name
+    return None
+
+
+_VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model")
+
+
+def freeze_vision_tower(model) -> int:
+    """Stop training the vision tower; returns how many parameters were frozen (0: none there)."""
+    tower = vision_tower_name(model)
+    if tower is None:
+        return 0
+    parameters = list(model.get_submodule(tower).parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return sum(parameter.numel() for parameter in parameters)
+
+
 def apply_lora(model, lora_cfg):
-    """Wrap `model` with a fresh LoRA adapter from the recipe (`model.lora`)."""
+    """Wrap `model` with a fresh LoRA adapter from the recipe (`model.lora`).
+
+    Adapters go on the language model only: `target_modules` names (q_proj, ...) also occur in
+    vision towers (Qwen2.5-VL's vision MLP has gate/up/down_proj), so the tower is excluded.
+    """
+    import re
+
     from peft import LoraConfig, get_peft_model
 
+    tower = vision_tower_name(model)
     config = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules),
+        exclude_modules=rf"{re.escape(tower)}\..*" if tower else None,
         task_type="CAUSAL_LM",
     )
     try:
@@ -122,13 +169,15 @@ def load_policy(path: str, recipe, *, device: str, field: str, trainable: bool =
                                chat_template_kwargs=recipe.model.chat_template_kwargs)
     if (Path(path) / "adapter_config.json").exists():
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=dtype)
+        auto_class = model_class(path, trust_remote_code=recipe.model.trust_remote_code)
+        base = auto_class.from_pretrained(adapter_base(path), dtype=dtype)
         model = PeftModel.from_pretrained(base, path, is_trainable=trainable).to(device)
     else:
         model = load_model(path, dtype=dtype, device=device, field=field,
                            trust_remote_code=recipe.model.trust_remote_code)
         if recipe.model.lora.enabled and trainable:
             model = apply_lora(model, recipe.model.lora)
+        elif recipe.model.freeze_vision:
+            freeze_vision_tower(model)
     return model, tokenizer

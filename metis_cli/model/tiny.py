@@ -128,39 +128,55 @@ def build_tiny_model(
     The folder is written next to `out_dir` and renamed into place, so a crash never leaves a
     half-written model behind.
     """
-    out_dir = Path(out_dir)
-    if _is_built(out_dir):
-        return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ModelError(
-            f"{out_dir} exists but is not a tiny model folder (missing one of "
-            f"{', '.join(_BUILT_MODEL_FILES)}); remove it or choose another model path"
-        )
-    if hidden_size % num_heads:
-        raise ModelError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    staging_dir.chmod(0o755)  # mkdtemp makes it private; the model folder should not be
-    try:
+    def write(staging_dir: Path) -> None:
+        if hidden_size % num_heads:
+            raise ModelError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
         tokenizer = build_tiny_tokenizer()
         tokenizer.save_pretrained(staging_dir)
         model = _random_qwen3(tokenizer, hidden_size, num_layers, num_heads, intermediate_size,
                               seed, max_position_embeddings)
         model.save_pretrained(staging_dir)
+
+    return build_folder_atomically(Path(out_dir), _BUILT_MODEL_FILES, write)
+
+
+def build_folder_atomically(out_dir: Path, required_files: tuple[str, ...], write) -> Path:
+    """Run `write(staging_dir)` and rename the staging folder to `out_dir`; return `out_dir`.
+
+    An `out_dir` that already holds `required_files` is returned untouched; one that holds other
+    files is refused. A crash never leaves a half-written model behind.
+    """
+    if all((out_dir / name).is_file() for name in required_files):
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ModelError(
+            f"{out_dir} exists but is not a tiny model folder (missing one of "
+            f"{', '.join(required_files)}); remove it or choose another model path"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging_dir.chmod(0o755)  # mkdtemp makes it private; the model folder should not be
+    try:
+        write(staging_dir)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a directory
         try:
             staging_dir.rename(out_dir)
         except OSError:
-            if not _is_built(out_dir):  # lost a race to another builder: theirs is as good
-                raise
+            if not all((out_dir / name).is_file() for name in required_files):
+                raise  # otherwise another builder won the race: theirs is as good
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     return out_dir
 
 
-def build_tiny_tokenizer():
-    """The tiny model's tokenizer (a transformers fast tokenizer with the chat template set)."""
+def build_tiny_tokenizer(*, training_texts: list[str] | None = None, special_tokens: list[str] = SPECIAL_TOKENS,
+                         marker_tokens: list[str] = MARKER_TOKENS, chat_template: str = CHAT_TEMPLATE):
+    """The tiny model's tokenizer (a transformers fast tokenizer with the chat template set).
+
+    The defaults give the text task's tokenizer; model/tiny_vl.py passes its own texts (from
+    `rendered_training_texts`), tokens and template.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -177,21 +193,32 @@ def build_tiny_tokenizer():
         initial_alphabet=byte_alphabet,
         show_progress=False,
     )
-    backend.train_from_iterator(_merge_training_texts(), trainer=trainer)
-    backend.add_special_tokens(SPECIAL_TOKENS)
-    backend.add_tokens(MARKER_TOKENS)
+    texts = _merge_training_texts() if training_texts is None else training_texts
+    backend.train_from_iterator(texts, trainer=trainer)
+    backend.add_special_tokens(special_tokens)
+    backend.add_tokens(marker_tokens)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=END_OF_TURN_TOKEN,
         pad_token=PAD_TOKEN,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
     )
 
 
 def _merge_training_texts() -> list[str]:
-    """The task's conversations rendered with the chat template, minus the added tokens.
+    """The arithmetic task's conversations, rendered for merge training."""
+    conversations = [row["messages"] for row in synthetic.cold_start_trajectories(200, seed=0)]
+    conversations += [row["messages"] for row in synthetic.knowledge_examples(100, seed=0)]
+    return rendered_training_texts(conversations, [synthetic.CALCULATOR_TOOL_SPEC], CHAT_TEMPLATE,
+                                   SPECIAL_TOKENS + MARKER_TOKENS)
+
+
+def rendered_training_texts(conversations: list[list[dict]], tools: list[dict], chat_template: str,
+                            added_tokens: list[str]) -> list[str]:
+    """`conversations` rendered with `chat_template`, with and without the tool listing, minus
+    the added tokens.
 
     Rendering uses a plain byte tokenizer with the same template, so the merges see exactly the
     text the model will; the added tokens are cut out because they never reach the BPE model.
@@ -202,11 +229,8 @@ def _merge_training_texts() -> list[str]:
     plain = Tokenizer(models.BPE(vocab={"a": 0}, merges=[]))
     plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     plain.decoder = decoders.ByteLevel()
-    renderer = PreTrainedTokenizerFast(tokenizer_object=plain, chat_template=CHAT_TEMPLATE)
-    tools = [synthetic.CALCULATOR_TOOL_SPEC]
-    conversations = [row["messages"] for row in synthetic.cold_start_trajectories(200, seed=0)]
-    conversations += [row["messages"] for row in synthetic.knowledge_examples(100, seed=0)]
-    added = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + MARKER_TOKENS))
+    renderer = PreTrainedTokenizerFast(tokenizer_object=plain, chat_template=chat_template)
+    added = re.compile("|".join(re.escape(t) for t in added_tokens))
     texts = []
     for messages in conversations:
         for tools_shown in (tools, None):  # a stage may render without the tool listing
@@ -244,8 +268,3 @@ def _random_qwen3(tokenizer, hidden_size, num_layers, num_heads, intermediate_si
         bos_token_id=pad_id, eos_token_id=end_of_turn_id, pad_token_id=pad_id
     )
     return model
-
-
-def _is_built(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _BUILT_MODEL_FILES)
-

@@ -52,6 +52,12 @@ class RewardJudgeConfig(JudgeConfig):
         "verdict): unscored = excluded from its group and counted; incorrect = scored as a wrong answer, which is "
         "what the official code does and we think is wrong (network luck becomes negative reward)."
     )
+    max_unscored_share: float = Field(
+        0.5, ge=0, le=1, description="hdpo stops (after a checkpoint; --resume continues) when the judge gives no "
+        "verdict for more than this share of a step's answers for `patience` steps in a row, and at once when it "
+        "gives none at all (docs/faults.md)."
+    )
+    patience: int = Field(3, gt=0, description="Steps in a row over max_unscored_share before hdpo stops.")
 
     @model_validator(mode="after")
     def _prompt_placeholders(self) -> RewardJudgeConfig:

@@ -1,5 +1,5 @@
 """The recipe's `tools` section: which tools the agent may call and their limits (python sandbox,
-search backend, per-call costs). Part of the recipe schema (recipe/schema.py re-exports it)."""
+search backend, image tools, per-call costs). Part of the recipe schema (recipe/schema.py re-exports it)."""
 
 from __future__ import annotations
 
@@ -53,13 +53,32 @@ class SearchToolConfig(Section):
     http: SearchHttpConfig = Field(default_factory=SearchHttpConfig, description="Web search API settings (backend http).")
 
 
+class ZoomInToolConfig(Section):
+    coordinates: Literal["pixels", "relative"] = Field(
+        "pixels", description="What bbox_2d numbers mean: pixels of the image (DeepEyes), or relative = 0-1000 of "
+        "its width and height (Qwen3-VL's grounding scale)."
+    )
+    min_pixels: int = Field(262144, gt=0, description="Crops smaller than this many pixels are enlarged to it "
+                            "(default 256 Qwen3-VL image tokens).")
+    max_pixels: int = Field(1048576, gt=0, description="Crops larger than this are shrunk to it (default 1024 tokens).")
+
+
+class ImageSearchToolConfig(Section):
+    corpus: str | None = Field(
+        None, description="JSONL of {image, caption[, id]} rows (paths relative to it), or a folder of images "
+        "captioned by same-named .txt files; BM25 over the captions."
+    )
+    top_k: int = Field(3, gt=0, description="Images returned per query.")
+    max_pixels: int = Field(262144, gt=0, description="Returned images are shrunk to at most this many pixels.")
+
+
 class ToolCost(Section):
     usd_per_call: float = Field(0.0, ge=0, description="Price of one call, for eval's tool economy.")
     latency_s: float = Field(0.0, ge=0, description="Typical latency of one call in production.")
 
 
 class ToolsConfig(Section):
-    enabled: list[Literal["calculator", "python", "search"]] = Field(
+    enabled: list[Literal["calculator", "python", "search", "zoom_in", "image_search"]] = Field(
         default_factory=lambda: ["calculator"], description="Tools the agent may call."
     )
     timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit of one tool call.")
@@ -67,4 +86,8 @@ class ToolsConfig(Section):
     max_concurrency: int = Field(8, gt=0, description="Tool calls in flight at once across rollouts.")
     python: PythonToolConfig = Field(default_factory=PythonToolConfig, description="Python sandbox limits.")
     search: SearchToolConfig = Field(default_factory=SearchToolConfig, description="Search backend and settings.")
+    zoom_in: ZoomInToolConfig = Field(default_factory=ZoomInToolConfig, description="Image zoom: coordinates, output size.")
+    image_search: ImageSearchToolConfig = Field(
+        default_factory=ImageSearchToolConfig, description="Image corpus searched by caption."
+    )
     costs: dict[str, ToolCost] = Field(default_factory=dict, description="Per-tool price/latency for eval.")

@@ -47,6 +47,9 @@ class CurateStage:
                 "curate.input is empty: name the trajectories (mode sft) or prompts (mode rl) to curate, "
                 "e.g. curate.input: [{path: data/trajectories.jsonl}] or [{path: 'synthetic:cold_start'}]"
             )
+        from metis_cli.rewards.preflight import preflight
+
+        preflight(self.recipe, "curate")  # a dead judge or search API fails here, before any model loads
         self._setup_folder()
         self._setup_filters()
 

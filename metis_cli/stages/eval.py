@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from metis_cli.errors import DataError, ModelError, RunFolderError
-from metis_cli.evaluation.report import Answer, ModelAnswers, build_report, calls_by_tool
-from metis_cli.files import write_atomic
+from metis_cli.errors import DataError, EndpointError, ModelError, RunFolderError
+from metis_cli.evaluation.report import Answer, ModelAnswers, build_report, calls_by_tool, unscored_subsets
+from metis_cli.files import storage_errors, write_atomic
 
+RERUN = "then rerun metis eval"
+"""How to go on after a full disk or an unwritable eval.output (eval has no --resume)."""
 # Folder names that say little on their own: a label keeps their parent ("hdpo/final").
 _GENERIC_FOLDERS = {"final", "merged"}
 
@@ -33,6 +36,7 @@ class EvalResult:
     report: dict
     output_dir: Path
     files: dict[str, Path]
+    unscored: list[tuple[str, str]]  # (model, subset) with no scored answer (`unscored_error`)
 
 
 @dataclass
@@ -60,7 +64,10 @@ class EvalStage:
     def setup(self) -> None:
         if self.samples < 1:
             raise DataError(f"--samples must be at least 1, got {self.samples}")
+        from metis_cli.rewards.preflight import preflight
+
         self._setup_models()
+        preflight(self.recipe, "eval")  # a dead judge or search API fails here, before any data or model loads
         self._setup_data()
         self._setup_training_run()
         from metis_cli.model.runtime import pick_device, seed_everything, setup_threads
@@ -214,9 +221,10 @@ class EvalStage:
 
     def _write_answer_log(self, label: str) -> None:
         folder = self.output_dir / "answers"
-        folder.mkdir(parents=True, exist_ok=True)
+        with storage_errors(folder, then=RERUN):
+            folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / f"{_file_safe(label)}.jsonl",
-                      "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in self._answer_log))
+                     "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in self._answer_log), then=RERUN)
 
     # ------------------------------------------------------------------------------- save
     def report(self) -> dict:
@@ -231,11 +239,18 @@ class EvalStage:
         report = self.report()
         files = {name: self.output_dir / name for name in ("report.json", "report.md", "plot.png")}
         report["files"] = {name: str(path) for name, path in files.items()}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(files["report.json"], json.dumps(report, indent=2) + "\n")
-        write_atomic(files["report.md"], markdown(report))
-        write_plot(report, files["plot.png"], self.metrics_path)
-        return EvalResult(report, self.output_dir, files)
+        with storage_errors(self.output_dir, then=RERUN):
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(files["report.json"], json.dumps(report, indent=2) + "\n", then=RERUN)
+        write_atomic(files["report.md"], markdown(report), then=RERUN)
+        with storage_errors(files["plot.png"], then=RERUN):
+            try:
+                write_plot(report, files["plot.png"], self.metrics_path)
+            except BaseException:
+                with suppress(OSError):
+                    files["plot.png"].unlink(missing_ok=True)  # no half-written picture
+                raise
+        return EvalResult(report, self.output_dir, files, unscored_subsets(report))
 
     def cleanup(self) -> None:
         self.__dict__.pop("registry", None)
@@ -285,6 +300,19 @@ def _check_model_folder(path: str, field: str) -> None:
 
 def _file_safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def unscored_error(recipe, result: EvalResult) -> EndpointError:
+    """The error `metis eval` exits with (2) when a subset has no scored answer and
+    --allow-unscored is not given: its accuracy is unknown, and a report must not pass for one."""
+    judge = recipe.reward.judge
+    where = f"the judge at {judge.base_url} (reward.judge)" if judge is not None else "the checker"
+    subsets = ", ".join(f"{model} / {subset}" for model, subset in result.unscored)
+    return EndpointError(
+        f"no answer of {subsets} could be scored: {where} gave no verdict (down, failing, or not replying with a "
+        f"verdict), so accuracy there is unknown; {result.files['report.md']} says so. Bring the judge back and "
+        "rerun, or pass --allow-unscored to accept the report as it is"
+    )
 
 
 def _pct(value: float | None) -> str:

@@ -7,6 +7,8 @@ What one step does (docs/algorithm.md; how it runs: docs/rl-step.md):
         r_acc_i  = 0.9 * correct_i + 0.1 * format_ok_i
         r_tool_i = 1 / (T_i + 1) if correct_i else 0
      A rollout the judge cannot score (after retries) is excluded from its group and counted.
+     A judge or tool service that stops answering stops the run before the step is trained,
+     after a checkpoint (`stages.hdpo_guard`, docs/faults.md); the endpoints are checked first.
   3. Advantages per group (`algo.estimators`, for hdpo `algo.advantages.hdpo_advantages`):
         A_acc_i  = (r_acc_i - mean(r_acc)) / (std(r_acc) + 1e-6)           over all G
         Q        = { i : r_tool_i > 0 }                                     (correct rollouts)
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metis_cli.errors import DataError
-from metis_cli.files import write_atomic
+from metis_cli.files import storage_errors, write_atomic
 from metis_cli.model.runtime import HDPO_EPOCH_ORDER_SEED, HDPO_STEP_SEED, derive_seed
 
 
@@ -69,9 +71,11 @@ class HdpoStage:
 
     # ------------------------------------------------------------------------------ setup
     def setup(self) -> None:
+        from metis_cli.rewards.preflight import preflight
         from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
         from metis_cli.model.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
 
+        preflight(self.recipe, "hdpo")  # a dead judge or search API fails here, before any model loads
         prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="hdpo",
                           inputs=stage_inputs(self.recipe, "hdpo"))
         write_resolved_recipe(self.recipe)
@@ -121,6 +125,16 @@ class HdpoStage:
                             field="hdpo.init_from", model=self.model, tokenizer=self.tokenizer)
         self.registry, self.backend, self.engine = agent.registry, agent.backend, agent.engine
         self.checker = build_checker(self.recipe.reward)
+        self._setup_guard()
+
+    def _setup_guard(self) -> None:
+        from metis_cli.stages.hdpo_guard import FaultGuard
+
+        judge = self.recipe.reward.judge if self.recipe.reward.checker == "judge" else None
+        tools = [self.registry.get(name) for name in self.registry.names()]
+        services = [tool.service for tool in tools if getattr(tool, "service", None) is not None]
+        limits = {"max_unscored_share": judge.max_unscored_share, "patience": judge.patience} if judge else {}
+        self.guard = FaultGuard(judge_url=judge.base_url if judge else None, services=services, **limits)
 
     def _setup_optimizer(self) -> None:
         from metis_cli.train.optimizer import MasterWeights
@@ -134,6 +148,7 @@ class HdpoStage:
 
         checkpoint = latest_checkpoint(self.stage_dir)
         if checkpoint is None:
+            self.metrics.truncate_after(-1)  # nothing was saved: every record, step 0's eval too, is redone
             return
         self._setup_model(str(checkpoint), field_name="checkpoint")
         self.backend.update_weights(self.model)
@@ -213,8 +228,10 @@ class HdpoStage:
         return eval_figures(summary)
 
     def train(self) -> None:
+        from metis_cli.model.runtime import rng_state
         from metis_cli.rewards.batch import rollout_figures
         from metis_cli.rewards.tool_economy import per_tool_figures
+        from metis_cli.stages.hdpo_guard import JudgeFigures
         from metis_cli.stages.hdpo_step import StepMetrics
         from metis_cli.telemetry import control
         from metis_cli.telemetry import metrics as m
@@ -229,9 +246,14 @@ class HdpoStage:
                 bar.log(_eval_line(0, record))
             while self.step < self.cfg.steps:
                 step_start = time.time()
+                rng_at_start = rng_state()
+                self.guard.begin_step()
                 examples = [self.prompts[i] for i in self._step_prompts(self.step)]
                 rollouts, scores = self.rollout_step(examples)
                 rollout_s = time.time() - step_start
+                fault = self.guard.observe(JudgeFigures.of(scores))
+                if fault is not None:
+                    self._stop_for_fault(fault, rng_at_start)
                 batch, advantages = self.advantages(rollouts, scores)
                 update_start = time.time()
                 update = self.update(rollouts, batch, advantages)
@@ -255,8 +277,10 @@ class HdpoStage:
                     for what in requests:
                         control.clear(self.stage_dir, what)
                 self.metrics.append(step_metrics.to_record())
-                bar.update(self.step, acc=step_metrics.rollouts.accuracy, tools=step_metrics.rollouts.tool_call_ratio,
-                           q2=step_metrics.efficiency_group_share, step_s=step_metrics.step_s)
+                figures = step_metrics.rollouts
+                bar.update(self.step, acc="-" if figures.accuracy is None else figures.accuracy,  # none scored
+                           tools=figures.tool_call_ratio, q2=step_metrics.efficiency_group_share,
+                           step_s=step_metrics.step_s, unscored=figures.unscored or None)
                 if "stop" in requests:
                     bar.log(f"hdpo: stopped at step {self.step} on request; resume with --resume")
                     self.stopped = True
@@ -264,7 +288,8 @@ class HdpoStage:
 
     def _save_samples(self, rollouts, scores, examples, advantages) -> None:
         folder = self.stage_dir / "rollouts"
-        folder.mkdir(parents=True, exist_ok=True)
+        with storage_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
         stride = max(1, len(rollouts) // self.cfg.samples_to_save)
         lines = []
         for i in list(range(0, len(rollouts), stride))[: self.cfg.samples_to_save]:
@@ -280,14 +305,32 @@ class HdpoStage:
         write_atomic(folder / f"step_{self.step:06d}.jsonl", "\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------------------- save
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, rng: dict | None = None) -> Path:
+        """checkpoints/step_<step>/ with the trainer state; `rng`: the RNG state to resume with
+        (default: the current one)."""
         from metis_cli.train.checkpoint import save_checkpoint
         from metis_cli.model.runtime import rng_state
 
-        state = {"optimizer": self.optimizer.state_dict(), "rng": rng_state(), "eval_history": self.eval_history}
+        state = {"optimizer": self.optimizer.state_dict(), "rng": rng or rng_state(), "eval_history": self.eval_history}
         if self.weights.has_copies:
             state["master_weights"] = self.weights.state_dict()
         return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)
+
+    def _stop_for_fault(self, reason: str, rng_at_start: dict) -> None:
+        """Checkpoint the state before the failing step (nothing of it is trained), then stop with
+        an EndpointError (exit 2), so that --resume redoes the step once the service is back."""
+        from metis_cli.errors import EndpointError
+        from metis_cli.train.checkpoint import latest_checkpoint
+
+        failing = self.step + 1
+        if self.step == 0:
+            saved = "nothing was trained yet"
+        else:
+            latest = latest_checkpoint(self.stage_dir)
+            same = latest is not None and latest.name == f"step_{self.step:06d}"
+            saved = f"{latest if same else self.save_checkpoint(rng=rng_at_start)} holds step {self.step}"
+        raise EndpointError(f"hdpo stopped at step {failing}/{self.cfg.steps}: {reason}. Step {failing} was not "
+                            f"trained; {saved}. Bring the service back, then rerun the same command with --resume")
 
     def save(self) -> Path:
         from metis_cli.telemetry.run import mark_done, stage_inputs

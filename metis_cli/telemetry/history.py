@@ -117,8 +117,9 @@ class MetricsHistory:
         return None
 
     def latest_number(self, key: str) -> float | None:
-        values = self._column(key)[1]
-        return values[-1] if values else None
+        """The newest value of `key` as a number; None when it was never logged, or when the newest
+        record that has it logged null (accuracy with nothing scored shows as unknown, not stale)."""
+        return as_number(self.latest(key))
 
     def series(self, key: str, max_points: int | None = None) -> tuple[list[float], list[float]]:
         """(steps, values) where `key` has a number; averaged into `max_points` buckets if longer."""

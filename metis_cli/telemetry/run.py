@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from metis_cli.errors import RunFolderError
-from metis_cli.files import write_atomic
+from metis_cli.files import append_whole, storage_errors, write_atomic
 
 DONE_FILE = "DONE.json"
 INPUTS_FILE = "inputs.json"
@@ -43,8 +43,7 @@ class MetricsLog:
     def append(self, record: dict) -> None:
         cleaned = {k: _clean(v) for k, v in record.items()}
         line = json.dumps(cleaned, default=str)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        append_whole(self.path, line + "\n")
         if self.trackers is not None:
             self.trackers.log(cleaned)
 
@@ -61,7 +60,7 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue
-        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        write_atomic(self.path, "".join(f"{line}\n" for line in kept))
 
 
 def prepare_stage_dir(stage_dir: Path, *, resume: bool, overwrite: bool, command: str,
@@ -120,8 +119,10 @@ _NOT_INPUTS = {
     "hdpo": {"data.synthetic.knowledge_examples", "data.synthetic.cold_start_examples",
              "data.synthetic.direct_answer_share", "data.synthetic.answer_noise"},
 }
-_BOOKKEEPING = {"eval_every", "save_every", "sample_every", "samples_to_save", "output"}
-"""Fields that change what is logged or where, not what is trained."""
+_BOOKKEEPING = {"eval_every", "save_every", "sample_every", "samples_to_save", "output", "max_unscored_share",
+                "patience"}
+"""Fields that change what is logged or where, or when a failing judge stops the run, not what is
+trained (so `--resume --set reward.judge.patience=...` is allowed)."""
 
 
 def stage_inputs(recipe, stage: str) -> dict:
@@ -171,6 +172,7 @@ def write_resolved_recipe(recipe) -> Path:
     trackers.announce(recipe)
 
     path = Path(recipe.run.output_dir) / "recipe.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    with storage_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, recipe_to_yaml(recipe))
     return path

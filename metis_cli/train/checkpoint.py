@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from metis_cli.files import storage_errors
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 
@@ -35,15 +37,17 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
 
 
 def _atomic_dir(dest: Path, write) -> Path:
-    """Run `write(tmp_dir)`, then move tmp_dir to `dest` (replacing an older `dest`)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        tmp.chmod(0o755)
-        write(tmp)
-        _move_into_place(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Run `write(tmp_dir)`, then move tmp_dir to `dest` (replacing an older `dest`). A full disk
+    or an unwritable folder raises a StorageError naming `dest`, and leaves no partial folder."""
+    with storage_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            tmp.chmod(0o755)
+            write(tmp)
+            _move_into_place(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -5,6 +5,10 @@ chat templates render into the system prompt. `call` is async so calls from many
 share one event loop; it returns the observation text the model sees and never raises for the
 model's mistakes (those become a `ToolResult` with `error` set, counted in the metrics).
 
+Image tools (zoom_in, image_search) see the conversation: a tool whose class sets
+`needs_context = True` is called as `call(arguments, context)` with a `ToolContext`, and may return
+images in `ToolResult.images` for the rollout to show the model inside the observation turn.
+
 Must not touch: parsing model text (agent/parser.py) or limits across calls (registry.py).
 """
 
@@ -35,11 +39,22 @@ class ToolResult:
     text: str
     error: str | None = None  # a ToolErrorKind string, or None on success
     runtime_s: float = 0.0
-    images: list = field(default_factory=list)
+    images: list = field(default_factory=list)  # PIL images shown to the model after `text`
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a call may see of its conversation (tools with `needs_context = True`).
+
+    `images`: the conversation's PIL images in order of appearance, the prompt's first, then the
+    ones earlier tool calls returned; an `image_index` argument counts in this list.
+    """
+
+    images: tuple = ()
 
 
 @runtime_checkable
@@ -64,3 +79,15 @@ def tool_spec(tool: Tool) -> dict:
 def error_result(kind: str, message: str, runtime_s: float = 0.0) -> ToolResult:
     """An error observation; the model sees `Error: <message>`."""
     return ToolResult(text=f"Error: {message}", error=kind, runtime_s=runtime_s)
+
+
+@dataclass
+class ServiceCalls:
+    """Requests a tool sent to an outside service (a web API) and how many of them got an answer
+    (after the tool's own retries). A tool with such a service exposes it as `tool.service`; hdpo
+    stops a run on a step in which every request failed (stages/hdpo_guard.py, docs/faults.md)."""
+
+    field: str  # the service's recipe section, e.g. "tools.search.http"
+    url: str
+    requests: int = 0
+    answered: int = 0

@@ -11,6 +11,10 @@ with per-rollout state (`uses_sessions = True`: the persistent python tool) get 
 `call(arguments, session=key)`; others never see it. `end_session(key)` releases that state
 when the rollout ends or its run stops; a key never ended keeps its state (and processes) alive.
 
+Images: tools that need the conversation (`needs_context = True`: zoom_in, image_search) get its
+`ToolContext` as `call(arguments, context=...)`. Images a tool returns are converted to RGB and sized
+for a vision processor here; one a processor could not take becomes a tool error.
+
 Must not touch: text parsing (agent/parser.py) or how observations enter the conversation
 (agent/rollout.py).
 """
@@ -25,12 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Hashable
 
 from metis_cli.agent.parser import ParsedToolCall
-from metis_cli.agent.tools.base import Tool, ToolErrorKind, ToolResult, error_result, tool_spec
+from metis_cli.agent.tools.base import Tool, ToolContext, ToolErrorKind, ToolResult, error_result, tool_spec
 from metis_cli.errors import ToolConfigError
 
 log = logging.getLogger("metis.tools")
 
-BUILTIN_TOOLS = ("calculator", "python", "search")
+BUILTIN_TOOLS = ("calculator", "python", "search", "zoom_in", "image_search")
 _MAX_MESSAGE_CHARS = 300
 
 
@@ -58,6 +62,18 @@ def _build_tool(name: str, tools_cfg: Any) -> Tool:
         if tools_cfg.search.backend == "http":
             return WebSearchTool.from_config(tools_cfg.search)
         return SearchTool.from_file(tools_cfg.search.corpus, top_k=tools_cfg.search.top_k)
+    if name == "zoom_in":
+        from metis_cli.agent.tools.zoom import ZoomInTool
+
+        zoom_cfg = tools_cfg.zoom_in
+        return ZoomInTool(coordinates=zoom_cfg.coordinates, min_pixels=zoom_cfg.min_pixels,
+                          max_pixels=zoom_cfg.max_pixels)
+    if name == "image_search":
+        from metis_cli.agent.tools.image_search import ImageSearchTool
+
+        search_cfg = tools_cfg.image_search
+        return ImageSearchTool.from_corpus(search_cfg.corpus, top_k=search_cfg.top_k,
+                                           max_pixels=search_cfg.max_pixels)
     raise ToolConfigError(f"tools.enabled: unknown tool {name!r}; built-in tools are {', '.join(BUILTIN_TOOLS)}")
 
 
@@ -144,9 +160,10 @@ class ToolRegistry:
             )
         return None
 
-    async def execute(self, call: ParsedToolCall, calls_so_far: int = 0, session: Hashable | None = None) -> ToolResult:
+    async def execute(self, call: ParsedToolCall, calls_so_far: int = 0, session: Hashable | None = None,
+                      context: ToolContext | None = None) -> ToolResult:
         """Run one parsed call; `calls_so_far` counts the rollout's earlier calls, `session` names
-        the rollout (module docstring). Never raises for model mistakes."""
+        the rollout, `context` is its conversation (module docstring). Never raises for model mistakes."""
         refused = self._precheck(call, calls_so_far)
         if refused is not None:
             return refused
@@ -155,8 +172,11 @@ class ToolRegistry:
         async with self._semaphore():
             started = time.perf_counter()
             try:
-                running = tool.call(call.arguments, session=session) if stateful else tool.call(call.arguments)
-                result = await asyncio.wait_for(running, self.timeout_s)
+                extra: dict[str, Any] = {"session": session} if stateful else {}
+                if getattr(tool, "needs_context", False):
+                    extra["context"] = context or ToolContext()
+                running = tool.call(call.arguments, **extra)
+                result = _checked_images(await asyncio.wait_for(running, self.timeout_s), call.name)
             except asyncio.TimeoutError:
                 result = error_result(ToolErrorKind.TIMEOUT, f"tool {call.name} timed out after {self.timeout_s:g} s")
             except Exception as error:  # noqa: BLE001 - a broken tool must not stop the batch
@@ -167,14 +187,18 @@ class ToolRegistry:
         return result
 
     def execute_many(self, calls: list[tuple[ParsedToolCall, int]],
-                     sessions: list[Hashable | None] | None = None) -> list[ToolResult]:
+                     sessions: list[Hashable | None] | None = None,
+                     contexts: list[ToolContext | None] | None = None) -> list[ToolResult]:
         """Run (call, calls_so_far) pairs concurrently in one event loop; results in input order.
-        `sessions`, when given, holds each call's session key."""
+        `sessions` and `contexts`, when given, hold each call's session key and conversation."""
         keys = sessions if sessions is not None else [None] * len(calls)
+        seen = contexts if contexts is not None else [None] * len(calls)
+        if not len(keys) == len(seen) == len(calls):
+            raise ValueError(f"{len(calls)} calls, {len(keys)} sessions and {len(seen)} contexts")
 
         async def run_all() -> list[ToolResult]:
-            return list(await asyncio.gather(*(self.execute(call, so_far, key)
-                                               for (call, so_far), key in zip(calls, keys))))
+            return list(await asyncio.gather(*(self.execute(call, so_far, key, context)
+                                               for (call, so_far), key, context in zip(calls, keys, seen))))
 
         return _run_coroutine(run_all)
 
@@ -183,6 +207,21 @@ class ToolRegistry:
         for tool in self._tools.values():
             if getattr(tool, "uses_sessions", False):
                 tool.end_session(session)
+
+
+def _checked_images(result: ToolResult, name: str) -> ToolResult:
+    """`result` with its images as RGB at a size a vision processor takes, or a tool error."""
+    if not result.images:
+        return result
+    from metis_cli.data.images import fit_image, to_rgb
+    from metis_cli.errors import DataError
+
+    try:
+        result.images = [fit_image(to_rgb(image), where=f"image {index} returned by {name}")
+                         for index, image in enumerate(result.images)]
+    except DataError as problem:
+        return error_result(ToolErrorKind.TOOL_ERROR, f"the tool returned an unusable image: {problem}")
+    return result
 
 
 def _run_coroutine(make: Callable) -> Any:

@@ -10,7 +10,8 @@ variable `api_key_env` in the header `api_key_header`; the reply's `organic` lis
 `{title, link, snippet}` gives the top `top_k` results. Results are cached on disk per (url,
 query, top_k), so a repeated query costs nothing. Connection errors, timeouts, 429 and 5xx replies are
 retried with exponential backoff; whatever still fails (a rejected key included) becomes a tool
-error observation, never an exception: a flaky search service must not stop training.
+error observation, never an exception: a flaky search service must not stop training. One that
+fails every request of a step does stop hdpo (counted in `service`; docs/faults.md).
 
 Either way a query returns a compact numbered list, each passage cut to a few hundred
 characters, so observations stay short.
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from metis_cli.agent.tools.base import ToolErrorKind, ToolResult, error_result
+from metis_cli.agent.tools.base import ServiceCalls, ToolErrorKind, ToolResult, error_result
 from metis_cli.errors import DataError, ToolConfigError
 from metis_cli.files import write_atomic
 
@@ -170,6 +171,7 @@ class WebSearchTool:
         self.backoff_s = backoff_s
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._key_warned = False
+        self.service = ServiceCalls("tools.search.http", url)  # counted for hdpo's stop rule
 
     @classmethod
     def from_config(cls, search_cfg) -> WebSearchTool:
@@ -257,11 +259,13 @@ class WebSearchTool:
         cache_path = self._cache_path(query)
         results = self._cached(cache_path)
         if results is None:
+            self.service.requests += 1
             try:
                 results = await self._fetch(query)
             except _SearchFailed as failure:
                 return error_result(ToolErrorKind.TOOL_ERROR, f"search failed: {failure}",
                                     runtime_s=time.perf_counter() - started)
+            self.service.answered += 1
             self._store(cache_path, query, results)
         if not results:
             text = f"No results for {query!r}."

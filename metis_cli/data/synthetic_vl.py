@@ -1,0 +1,248 @@
+"""The synthetic vision task behind the tiny vision default: images drawn here, questions, answers.
+
+Each image is a `canvas_size` square (256 px) with one large coloured shape in the middle and
+one small digit in one corner. Two kinds of question, so "when to zoom" has a right answer:
+- `easy`: "What colour is the large shape?" The shape fills a third of the image, so its colour
+  survives the processor's downscaling (the tiny model sees 64x64 pixels).
+- `hard`: "What digit is in the top left corner?" The digit is a few pixels tall after
+  downscaling (unreadable) and readable after `zoom_in` on that corner.
+
+It owns the drawing, the questions, the system prompt and the `zoom_in` tool spec the task is
+rendered with, and the four generators (knowledge, cold start, rl, eval) with `write_set`, which
+writes a set as JSONL plus the PNG files beside it. It does not tokenize or run tools; the crop
+of a cold-start zoom is data/images.py's `zoom`, the same code the tool runs.
+
+Rows use the messages layout, images in a row's `images` list in order of appearance and marked
+by `{"type": "image"}` content parts: `{"id", "messages", "images", "answer", "subset"}`. Eval
+images are drawn from their own seed stream, so no training image is an eval image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from metis_cli.data import images as image_ops
+from metis_cli.data.synthetic import answer_text, write_jsonl
+
+Subset = Literal["easy", "hard"]
+
+SYSTEM_PROMPT = "Answer the question about the image. Use zoom_in to look closer if needed."
+CANVAS_SIZE = 256
+ZOOM_PIXELS = 64 * 64
+"""The tiny task's zoom output size: the crop is scaled to exactly this many pixels (the tool's
+`min_pixels` and `max_pixels` in recipes/tiny-vl.yaml), what the tiny processor takes unshrunk."""
+
+ZOOM_IN_TOOL_SPEC: dict = {
+    "type": "function",
+    "function": {
+        "name": "zoom_in",
+        "description": "Crop a region of an image and return it enlarged.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4,
+                            "description": "The region [x1, y1, x2, y2] in pixels of the image."},
+                "image_index": {"type": "integer", "minimum": 0,
+                                "description": "Which image of the conversation (0 = the first)."},
+                "label": {"type": "string", "description": "What the region shows (optional)."},
+            },
+            "required": ["bbox_2d"],
+            "additionalProperties": False,
+        },
+    },
+}
+"""zoom_in as the chat template sees it, written out here so the data layer needs no tool code;
+tests/test_image_tools.py checks it equals `agent.tools.zoom.ZoomInTool`'s spec (pixel
+coordinates). The tiny vision tokenizer's merges are trained on this text."""
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+CORNERS = ("top left", "top right", "bottom left", "bottom right")
+_DIGIT_ROWS = {  # a 3x5 pixel font: the same strokes on every machine, no font files
+    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
+}
+DIGIT_CELL_PX = 3
+"""Pixels per font cell: a digit is 9x15 px on the 256 px canvas, about 2x4 px once the tiny
+processor has shrunk the image to 64x64, and 9x15 px again in a zoomed corner."""
+
+
+def easy_question() -> str:
+    return "What colour is the large shape?"
+
+
+def hard_question(corner: str) -> str:
+    return f"What digit is in the {corner} corner?"
+
+
+def corner_box(corner: str, canvas_size: int = CANVAS_SIZE) -> list[int]:
+    """The quarter-side square at `corner`, where the digit is drawn: the hard question's zoom."""
+    side = canvas_size // 4
+    x1 = 0 if corner.endswith("left") else canvas_size - side
+    y1 = 0 if corner.startswith("top") else canvas_size - side
+    return [x1, y1, x1 + side, y1 + side]
+
+
+def centre_box(canvas_size: int = CANVAS_SIZE) -> list[int]:
+    """The middle half of the image, where the shape is: the blind zoom of an easy question."""
+    return [canvas_size // 4, canvas_size // 4, canvas_size * 3 // 4, canvas_size * 3 // 4]
+
+
+def zoom_call(bbox: list[int], image_index: int = 0) -> str:
+    """The assistant text of one zoom_in call, exactly as the rollout parser expects it."""
+    call = {"name": "zoom_in", "arguments": {"bbox_2d": bbox, "image_index": image_index}}
+    return f"<tool_call>{json.dumps(call)}</tool_call>"
+
+
+def draw_image(rng: random.Random, canvas_size: int = CANVAS_SIZE):
+    """(image, facts): one task image and what is on it ({colour, shape, corner, digit})."""
+    from PIL import Image, ImageDraw
+
+    colour = rng.choice(sorted(COLOURS))
+    shape = rng.choice(SHAPES)
+    corner = rng.choice(CORNERS)
+    digit = str(rng.randint(0, 9))
+    image = Image.new("RGB", (canvas_size, canvas_size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    # The shape stays inside the middle (corners free for the digit): size 31-41% of the side,
+    # centre within 4% of the middle.
+    size = rng.uniform(0.31, 0.41) * canvas_size
+    centre_x, centre_y = (canvas_size / 2 + rng.uniform(-0.04, 0.04) * canvas_size for _ in range(2))
+    box = (centre_x - size / 2, centre_y - size / 2, centre_x + size / 2, centre_y + size / 2)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(centre_x, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    _draw_digit(draw, digit, corner_box(corner, canvas_size), rng)
+    return image, {"colour": colour, "shape": shape, "corner": corner, "digit": digit}
+
+
+def knowledge_examples(n: int, seed: int, canvas_size: int = CANVAS_SIZE) -> list[dict]:
+    """`n` easy questions answered directly: what a real vision model sees without zooming."""
+    rng = random.Random(f"vl-knowledge-{seed}")
+    rows = []
+    for index in range(n):
+        image, facts = draw_image(rng, canvas_size)
+        rows.append(_row(f"vl-knowledge-{seed}-{index}", "easy", easy_question(), facts["colour"], [image],
+                         [{"role": "assistant", "content": answer_text(facts["colour"])}]))
+    return rows
+
+
+def cold_start_trajectories(n: int, seed: int, hard_share: float = 0.5, canvas_size: int = CANVAS_SIZE,
+                            zoom_pixels: int = ZOOM_PIXELS) -> list[dict]:
+    """`n` conversations that zoom for everything (blind tool use): hard ones into the named
+    corner, easy ones into the middle, then answer. The zoomed image is the second of the row's
+    images, made by the same `zoom` the tool runs."""
+    subsets = _subsets(n, hard_share, random.Random(f"vl-cold-start-plan-{seed}"))
+    rng = random.Random(f"vl-cold-start-{seed}")
+    rows = []
+    for index, subset in enumerate(subsets):
+        image, facts = draw_image(rng, canvas_size)
+        question, answer = _question_answer(subset, facts)
+        bbox = corner_box(facts["corner"], canvas_size) if subset == "hard" else centre_box(canvas_size)
+        zoomed, box = image_ops.zoom(image, bbox, min_pixels=zoom_pixels, max_pixels=zoom_pixels)
+        turns = [
+            {"role": "assistant", "content": zoom_call(bbox)},
+            {"role": "tool", "name": "zoom_in",
+             "content": [{"type": "image"}, {"type": "text", "text": image_ops.zoom_text(box, 0, 1)}]},
+            {"role": "assistant", "content": answer_text(answer)},
+        ]
+        rows.append(_row(f"vl-cold-start-{seed}-{index}", subset, question, answer, [image, zoomed], turns))
+    return rows
+
+
+def rl_prompts(n: int, seed: int, hard_share: float = 0.5, canvas_size: int = CANVAS_SIZE) -> list[dict]:
+    """`n` RL prompts (system + user with the image), `hard_share` of them hard."""
+    subsets = _subsets(n, hard_share, random.Random(f"vl-rl-plan-{seed}"))
+    rng = random.Random(f"vl-rl-{seed}")
+    rows = []
+    for index, subset in enumerate(subsets):
+        image, facts = draw_image(rng, canvas_size)
+        question, answer = _question_answer(subset, facts)
+        rows.append(_row(f"vl-rl-{seed}-{index}", subset, question, answer, [image], []))
+    return rows
+
+
+def eval_prompts(n_per_subset: int, seed: int, canvas_size: int = CANVAS_SIZE) -> list[dict]:
+    """`n_per_subset` easy then `n_per_subset` hard held-out prompts (own seed stream)."""
+    rng = random.Random(f"vl-eval-{seed}")
+    rows = []
+    for subset in ("easy", "hard"):
+        for index in range(n_per_subset):
+            image, facts = draw_image(rng, canvas_size)
+            question, answer = _question_answer(subset, facts)
+            rows.append(_row(f"vl-eval-{subset}-{seed}-{index}", subset, question, answer, [image], []))
+    return rows
+
+
+def write_set(rows: list[dict], path: str | Path) -> Path:
+    """Write `rows` (images as PIL images) to the JSONL `path`, their PNGs to `<stem>_images/`
+    beside it, and rows' `images` as paths relative to the file. Both appear whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.with_name(f"{path.stem}_images")
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=path.parent))
+    staging.chmod(0o755)
+    try:
+        written = []
+        for row in rows:
+            names = [f"{row['id']}-{index}.png" for index in range(len(row["images"]))]
+            for image, name in zip(row["images"], names):
+                image.save(staging / name, format="PNG")
+            written.append({**row, "images": [f"{folder.name}/{name}" for name in names]})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return write_jsonl(written, path)
+
+
+def _question_answer(subset: Subset, facts: dict) -> tuple[str, str]:
+    if subset == "easy":
+        return easy_question(), facts["colour"]
+    return hard_question(facts["corner"]), facts["digit"]
+
+
+def _subsets(n: int, hard_share: float, rng: random.Random) -> list[Subset]:
+    if n < 0 or not 0.0 <= hard_share <= 1.0:
+        raise ValueError(f"need n >= 0 and hard_share within [0, 1], got n={n}, hard_share={hard_share}")
+    n_hard = round(n * hard_share)
+    subsets: list[Subset] = ["hard"] * n_hard + ["easy"] * (n - n_hard)
+    rng.shuffle(subsets)
+    return subsets
+
+
+def _draw_digit(draw, digit: str, region: list[int], rng: random.Random) -> None:
+    """`digit` in black at a random spot of `region`, at least one cell from its edges."""
+    cell = DIGIT_CELL_PX
+    width, height = 3 * cell, 5 * cell
+    x1, y1, x2, y2 = region
+    left = rng.randint(x1 + cell, x2 - cell - width)
+    top = rng.randint(y1 + cell, y2 - cell - height)
+    for row_index, row in enumerate(_DIGIT_ROWS[digit]):
+        for column_index, bit in enumerate(row):
+            if bit == "1":
+                x, y = left + column_index * cell, top + row_index * cell
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(0, 0, 0))
+
+
+def _row(row_id: str, subset: Subset, question: str, answer: str, row_images: list, turns: list[dict]) -> dict:
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, user, *turns]
+    return {"id": row_id, "messages": messages, "images": row_images, "answer": answer, "subset": subset}
