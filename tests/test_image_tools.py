@@ -229,3 +229,78 @@ def test_cli_call_with_a_missing_image_is_a_user_error(tmp_path):
     result = runner.invoke(tools_app, ["call", "zoom_in", '{"bbox_2d": [0, 0, 9, 9]}', "--recipe", str(recipe),
                                        "--image", str(tmp_path / "nope.png")])
     assert result.exit_code == 2 and "--image images[0]: image file not found" in result.output
+
+
+# ------------------------------------------------------------------------ python sandbox images
+def sandbox_tool(**options):
+    from metis_cli.agent.tools.python_sandbox import PythonLimits, PythonTool
+
+    limits = PythonLimits(wall_timeout_s=5.0, cpu_time_s=2, memory_mb=256, output_bytes=4096, max_processes=8)
+    return PythonTool(limits, sandbox="bwrap", packages=["PIL"], images=True, **options)
+
+
+def run_code(tool, code: str, images=(), session=None) -> ToolResult:
+    import asyncio
+
+    return asyncio.run(tool.call({"code": code}, session=session, context=ToolContext(images=tuple(images))))
+
+
+def test_python_code_reads_the_images_and_its_saved_images_come_back(halves):
+    tool = sandbox_tool()
+    assert "image_1.png" in tool.description and "outputs/" in tool.description
+    code = ("import os\nfrom PIL import Image\nprint(sorted(n for n in os.listdir('.') if n[0] != '.'))\n"
+            "Image.open('image_2.png').crop((100, 0, 200, 100)).save('outputs/right.png')")
+    result = run_code(tool, code, [halves, halves])
+    assert result.ok, result.text
+    assert result.text == "['image_1.png', 'image_2.png', 'main.py', 'outputs']\n(outputs/ shown as image 2)"
+    assert [image.size for image in result.images] == [(100, 100)] and colours(result.images[0]) == {BLUE}
+
+
+def test_python_returned_images_are_count_and_pixel_limited(halves):
+    tool = sandbox_tool(max_images=2, max_image_pixels=50 * 50)
+    code = ("from PIL import Image\nfor i in range(3): Image.new('RGB', (400, 400)).save(f'outputs/{i}.png')\n"
+            "open('outputs/notes.txt', 'w').write('hello')")
+    result = run_code(tool, code, [halves])
+    assert [image.size for image in result.images] == [(50, 50), (50, 50)]
+    assert "outputs/: only the first 2 images are shown" in result.text and "(outputs/ shown as images 1 to 2)" in result.text
+
+
+def test_python_cannot_make_the_host_read_or_write_through_links(tmp_path, halves):
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (40, 40), RED).save(secret)
+    secret_folder = tmp_path / "folder"
+    secret_folder.mkdir()
+    Image.new("RGB", (40, 40), RED).save(secret_folder / "x.png")
+    linked = run_code(sandbox_tool(), f"import os\nos.symlink({str(secret)!r}, 'outputs/leak.png')", [halves])
+    assert linked.images == [] and "outputs/leak.png not shown: links are not followed" in linked.text
+    swapped = run_code(sandbox_tool(), f"import os\nos.rmdir('outputs')\nos.symlink({str(secret_folder)!r}, 'outputs')")
+    assert swapped.ok and swapped.images == [] and (secret_folder / "x.png").exists()
+    # a persistent session that turns image_1.png into a link: the next call's write replaces the link
+    tool = sandbox_tool(persistent=True)
+    try:
+        run_code(tool, f"import os\nos.remove('image_1.png')\nos.symlink({str(secret)!r}, 'image_1.png')",
+                 [halves], session="a")
+        after = run_code(tool, "import os\nprint(os.path.islink('image_1.png'))", [halves], session="a")
+    finally:
+        tool.end_session("a")
+    assert after.text == "False" and colours(Image.open(secret).convert("RGB")) == {RED}
+
+
+def test_python_session_returns_each_saved_image_once(halves):
+    tool = sandbox_tool(persistent=True)
+    try:
+        first = run_code(tool, "from PIL import Image\nImage.open('image_1.png').save('outputs/a.png')", [halves],
+                         session="a")
+        second = run_code(tool, "1 + 1", [halves, first.images[0]], session="a")
+    finally:
+        tool.end_session("a")
+    assert len(first.images) == 1 and second.images == [] and second.text == "2"
+
+
+def test_python_without_images_sees_no_files_and_gets_no_context(halves):
+    from metis_cli.agent.tools.python_sandbox import PythonLimits, PythonTool
+
+    tool = PythonTool(PythonLimits(), sandbox="bwrap")
+    assert not tool.needs_context and "image_1.png" not in tool.description
+    result = run(registry_of(tool), parsed("python", code="import os\nprint(sorted(os.listdir('.')))"), [halves])
+    assert result.text == "['main.py']" and result.images == []

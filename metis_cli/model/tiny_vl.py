@@ -42,8 +42,7 @@ _TEXT_OR_IMAGE_PART = (
 )
 CHAT_TEMPLATE = tiny.CHAT_TEMPLATE.replace(_TEXT_PART, _TEXT_OR_IMAGE_PART)
 """The text model's template (tool calls rendered the same), with image parts rendered the way
-Qwen3-VL's template renders them."""
-assert CHAT_TEMPLATE != tiny.CHAT_TEMPLATE, "model/tiny.py's content macro changed: update _TEXT_PART"
+Qwen3-VL's template renders them (tests/test_vl_model.py fails if model/tiny.py's macro changes)."""
 
 _BUILT_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                       "processor_config.json")

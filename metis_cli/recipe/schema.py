@@ -92,10 +92,7 @@ class ModelConfig(Section):
         "eval and chat, e.g. {enable_thinking: false} for Qwen3."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (sft and hdpo).")
-    freeze_vision: bool = Field(
-        True, description="Vision-language models: keep the vision tower (and its projector) frozen in full "
-        "fine-tuning; LoRA never adapts it. No effect on text-only models."
-    )
+    freeze_vision: bool = Field(True, description="Vision-language models: vision tower frozen in full fine-tuning.")
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -28,6 +28,12 @@ class PythonToolConfig(Section):
         default_factory=list, description="Import names made importable read-only from metis's environment "
         "(e.g. [numpy, PIL]); every other installed package stays invisible. Empty = standard library only."
     )
+    images: bool = Field(
+        False, description="Give the code the conversation's images as image_1.png, image_2.png, ... in its folder, "
+        "and show the model the images it saves under outputs/ (add PIL to packages to open them)."
+    )
+    max_images: int = Field(4, gt=0, description="Images from outputs/ shown per call; the rest are noted and dropped.")
+    max_image_pixels: int = Field(1048576, gt=0, description="Images from outputs/ are shrunk to at most this many pixels.")
 
 
 class SearchHttpConfig(Section):

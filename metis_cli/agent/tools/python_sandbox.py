@@ -10,7 +10,9 @@ by sandbox_prelude.py inside the sandbox.
 With `tools.python.persistent`, the calls of one rollout share one long-lived sandboxed
 interpreter instead (python_session.py), sandboxed the same way; `tools.python.packages` makes
 chosen packages of metis's environment (numpy, PIL, ...) importable read-only. Both are off by
-default: then the tool is exactly the one-call-one-process tool above.
+default: then the tool is exactly the one-call-one-process tool above. With
+`tools.python.images`, the code also gets the conversation's images as files and the images it
+saves under `outputs/` come back to the model (sandbox_images.py); the sandbox is unchanged.
 
 Model mistakes and limit hits come back as error observations, never as exceptions.
 """
@@ -27,9 +29,10 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from metis_cli.agent.tools.base import ToolErrorKind, ToolResult
+from metis_cli.agent.tools.base import ToolContext, ToolErrorKind, ToolResult
 from metis_cli.agent.tools.pids_cgroup import PidsCgroup
 from metis_cli.agent.tools.python_session import PythonSession
+from metis_cli.agent.tools.sandbox_images import collect_outputs, write_inputs
 from metis_cli.agent.tools.sandbox_isolation import (
     choose_isolation,
     package_paths,
@@ -165,10 +168,14 @@ class PythonTool:
     uses_sessions = True
 
     def __init__(self, limits: PythonLimits | None = None, sandbox: str = "auto", *, persistent: bool = False,
-                 packages: tuple[str, ...] | list[str] = ()):
+                 packages: tuple[str, ...] | list[str] = (), images: bool = False, max_images: int = 4,
+                 max_image_pixels: int = 1024 * 1024):
         self.limits = limits or PythonLimits()
         self.isolation = choose_isolation(sandbox)
         self.persistent = persistent
+        self.needs_context = images  # the registry then passes the conversation's images
+        self.max_images = max_images
+        self.max_image_pixels = max_image_pixels
         self.package_names = tuple(packages)
         self.packages = package_paths(self.package_names)
         self.description = self._describe()
@@ -180,14 +187,16 @@ class PythonTool:
     def _describe(self) -> str:
         library = "standard library only" if not self.package_names else (
             f"standard library plus {', '.join(self.package_names)}")
+        images = (" The conversation's images are the files image_1.png, image_2.png, ... in the current "
+                  "folder; images the code saves under outputs/ are shown to you.") if self.needs_context else ""
         if not self.persistent:
             return (f"Run Python 3 code ({library}) in a sandbox with no network and no files "
                     "outside a scratch folder; returns what the code prints (stdout and stderr). "
-                    "Use print() to show results.")
+                    "Use print() to show results." + images)
         return (f"Run Python 3 code ({library}) in a sandbox with no network and no files outside a "
                 "scratch folder. Like a notebook: variables, imports and files persist between calls "
                 "while you answer this question; returns what the code prints (stdout and stderr) and "
-                "the value of a final bare expression.")
+                "the value of a final bare expression." + images)
 
     def _command(self, host_workdir: str) -> list[str]:
         command, workdir = self.isolation.command(host_workdir, self.packages)
@@ -208,29 +217,54 @@ class PythonTool:
             warn_once(f"python tool: no pids cgroup ({error}); fork bombs are stopped only by the timeout")
             return None
 
-    async def call(self, arguments: dict, session=None) -> ToolResult:
+    async def call(self, arguments: dict, session=None, context: ToolContext | None = None) -> ToolResult:
         started = time.perf_counter()
+        images = context.images if self.needs_context and context is not None else ()
         if self.persistent and session is not None:
-            result = await self._call_in_session(arguments["code"], session)
+            result = await self._call_in_session(arguments["code"], session, images)
         else:
-            result = self._observation(await self._run_once(arguments["code"]))
+            run, returned, notes = await self._run_once(arguments["code"], images)
+            result = self._with_images(self._observation(run), returned, notes, len(images))
         result.runtime_s = time.perf_counter() - started
         return result
 
-    async def _run_once(self, code: str) -> _Run:
+    async def _run_once(self, code: str, images=()) -> tuple[_Run, list, list[str]]:
+        """(the run, images it saved under outputs/, notes on images not passed either way)."""
         host_workdir = tempfile.mkdtemp(prefix="metis-python-")
         cgroup = None
         try:
             Path(host_workdir, "main.py").write_text(code, encoding="utf-8")
+            notes = write_inputs(host_workdir, images) if self.needs_context else []
             command = self._command(host_workdir)
             cgroup = self._open_cgroup()
             if cgroup is not None:
                 command = cgroup.wrap(command)
-            return await _run_capped(command, cwd=host_workdir, env=scrubbed_env(host_workdir), limits=self.limits)
+            run = await _run_capped(command, cwd=host_workdir, env=scrubbed_env(host_workdir), limits=self.limits)
+            returned, more_notes = self._collect(host_workdir)
+            return run, returned, notes + more_notes
         finally:
             if cgroup is not None:
                 await cgroup.remove()
             remove_scratch(host_workdir)
+
+    def _collect(self, host_workdir: str) -> tuple[list, list[str]]:
+        if not self.needs_context:
+            return [], []
+        return collect_outputs(host_workdir, max_images=self.max_images, max_pixels=self.max_image_pixels,
+                               max_file_bytes=self.limits.memory_mb * 2**20)
+
+    @staticmethod
+    def _with_images(result: ToolResult, returned: list, notes: list[str], first_index: int) -> ToolResult:
+        """`result` with the images the code saved, and a line saying which image numbers they got."""
+        lines = list(notes)
+        if returned:
+            last = first_index + len(returned) - 1
+            shown = f"image {first_index}" if last == first_index else f"images {first_index} to {last}"
+            lines.append(f"(outputs/ shown as {shown})")
+        if lines:
+            result.text = "\n".join([result.text, *lines])
+        result.images = returned
+        return result
 
     def _session(self, key) -> PythonSession:
         with self._sessions_lock:
@@ -245,12 +279,15 @@ class PythonTool:
             self._sessions[key] = session
             return session
 
-    async def _call_in_session(self, code: str, key) -> ToolResult:
+    async def _call_in_session(self, code: str, key, images=()) -> ToolResult:
         session = self._session(key)
         async with session.lock():
+            notes = write_inputs(session.host_workdir, images) if self.needs_context else []
             run = await session.run(code)
+            returned, more_notes = self._collect(session.host_workdir) if not run.ended else ([], [])
         if not run.ended:
-            return self._observation(_Run(run.output, run.exit_status, False, False))
+            result = self._observation(_Run(run.output, run.exit_status, False, False))
+            return self._with_images(result, returned, notes + more_notes, len(images))
         self.end_session(key, session)
         result = self._observation(_Run(run.output, run.exit_status, run.timed_out, run.overflowed))
         result.text += f"\n{SESSION_ENDED_NOTE}"

@@ -55,7 +55,8 @@ def _build_tool(name: str, tools_cfg: Any) -> Tool:
             max_processes=python_cfg.max_processes,
         )
         return PythonTool(limits, sandbox=python_cfg.sandbox, persistent=python_cfg.persistent,
-                          packages=python_cfg.packages)
+                          packages=python_cfg.packages, images=python_cfg.images, max_images=python_cfg.max_images,
+                          max_image_pixels=python_cfg.max_image_pixels)
     if name == "search":
         from metis_cli.agent.tools.search import SearchTool, WebSearchTool
 
