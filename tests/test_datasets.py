@@ -40,12 +40,25 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def png_bytes(size=(40, 30), colour=(200, 30, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+PNG = png_bytes()
+
+
 def verl_row(index: int, question: str, answer: str, source: str = "wemath") -> dict:
     return {
         "data_source": source,
         "prompt": [{"role": "system", "content": "Think, then answer."},
                    {"role": "user", "content": f"<image>{question}"}],
-        "images": [{"bytes": b"\x89PNG", "path": f"img{index}.png"}],
+        "images": [{"bytes": PNG, "path": f"img{index}.png"}],
         "ability": "math",
         "reward_model": {"style": "rule", "ground_truth": answer},
         "extra_info": {"index": index, "split": "train"},
@@ -136,10 +149,13 @@ def test_verl_parquet_layout(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     first, second = load_examples(path)
     assert first.id == "10" and second.id == "11"
-    assert first.messages[-1] == {"role": "user", "content": "<image>Area?"}
+    assert first.messages[0] == {"role": "system", "content": "Think, then answer."}  # text stays a string
+    assert first.messages[-1] == {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Area?"}]}
+    assert first.question == "Area?"
     assert first.answer == "12" and second.answer == "3"
     assert first.subset == "wemath" and second.subset == "vstar"
-    assert first.images == [{"bytes": b"\x89PNG", "path": "img10.png"}]
+    assert first.images == [PNG]  # the struct's bytes, checked but not decoded
+    assert [image.size for image in first.load_images()] == [(43, 32)]  # 40x30: short side raised to 32 px
     assert first.meta["extra_info"] == {"index": 10, "split": "train"}
     assert first.meta["ability"] == "math"
     assert first.trajectory is None
@@ -230,8 +246,11 @@ MALFORMED = [
     (json.dumps({"messages": [{"role": "bot", "content": "hi"}], "answer": "1"}), "message 1 has role 'bot'"),
     (json.dumps({"messages": [user(), {"role": "assistant", "content": 2}], "answer": "1"}),
      "message 2 \\(assistant\\) content must be a string"),
-    (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "answer": "1"}),
-     "content must be a string, got list"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}], "answer": "1"}),
+     "message 1 \\(user\\) content part 1 has type 'audio'"),
+    (json.dumps({"messages": [{"role": "user", "content": []}], "answer": "1"}), "non-empty list of content parts"),
+    (json.dumps({"messages": [user("<image>hi")], "images": [], "answer": "1"}),
+     "row 'rl-3' has 1 image placeholder but 0 images"),
     (json.dumps({"messages": [user()]}), "missing `answer`"),
     (json.dumps({"messages": [user()], "answer": {"value": "1"}}), "`answer` must be a string, a number or a list"),
     (json.dumps({"messages": [user()], "answer": ["1", {"value": "2"}]}), "`answer\\[1\\]` must be a string"),

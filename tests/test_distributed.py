@@ -1,7 +1,8 @@
-"""Training on several processes, for real, on CPU with gloo: `metis sft --nproc-per-node 2`
-trains and writes one metrics row per step and one HF folder; one update on 2 processes equals
-the update on 1; fp32 master weights keep updates a bf16 weight would round away; a killed rank
-stops the job fast and `--resume` continues it. Plus the launch flags' checks (no torch)."""
+"""Training on several processes, for real, on CPU with gloo: `metis sft|hdpo --nproc-per-node 2`
+trains and writes one metrics row per step and one HF folder; one update (sft, and hdpo's RL
+update on fixed rollouts) on 2 processes equals the update on 1; fp32 master weights keep updates
+a bf16 weight would round away; a killed rank stops the job fast and `--resume` continues it.
+Plus the launch flags' checks (no torch)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typer.testing import CliRunner
 
 from metis_cli.cli.launch import Launch, describe_failure
 from metis_cli.cli.main import app
+from test_golden import overrides as golden_overrides
+from test_golden import write_data
 from test_training import cli, read_metrics, small_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,11 +33,21 @@ def metis(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def torchrun_worker(script: str, model_dir: Path) -> subprocess.CompletedProcess:
+    """tests/SCRIPT MODEL_DIR on 2 processes under torchrun, one thread each; it must succeed."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(REPO / "tests" / script), str(model_dir)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def one_step_overrides(run_dir: Path, **extra: str) -> list[str]:
     """One optimizer step on 24 fixed knowledge examples: 2 micro-batches of 12."""
     settings = {"run.output_dir": str(run_dir), "run.threads": "1", "data.synthetic.knowledge_examples": "64",
                 "sft.phases": '[{data: [{path: "synthetic:knowledge", limit: 24}], epochs: 1}]',
-                "sft.batch_size": "12", "sft.grad_accum": "2", "sft.eval_share": "0", **extra}
+                "sft.batch_size": "12", "sft.grad_accum": "2", "sft.eval_share": "0",
+                "sft.packing": "false", **extra}  # several processes train unpacked (stages/sft.py)
     return cli([f"{key}={value}" for key, value in settings.items()])
 
 
@@ -149,10 +162,7 @@ def test_lora_under_fsdp_saves_a_trained_adapter(tmp_path):
 @slow
 def test_shared_prompt_logprobs_under_fsdp(tiny_model_dir):
     # hdpo's update: each rank holds whole groups and runs each prompt once (KV reuse)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(REPO / "tests" / "fsdp_logprobs_worker.py"), str(tiny_model_dir)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
+    result = torchrun_worker("fsdp_logprobs_worker.py", tiny_model_dir)
     worst = float(result.stdout.split("worst gradient difference")[1])
     assert worst < 1e-5
 
@@ -162,17 +172,16 @@ def _worker_pids(launcher: int) -> list[int]:
     return sorted(int(pid) for pid in found)
 
 
-@slow
-def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
-    overrides = cli(small_overrides(tmp_path, **{"sft.batch_size": "8", "sft.eval_every": "100"}))
-    command = [sys.executable, "-m", "metis_cli", "sft", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
+def kill_one_rank_after(stage: str, overrides: list[str], metrics: Path, *, rows: int) -> None:
+    """Start `metis STAGE --nproc-per-node 2`, kill -9 rank 1 once `metrics` has `rows` rows; the
+    job must exit non-zero within 60 s, naming the killed rank and --resume."""
+    command = [sys.executable, "-m", "metis_cli", stage, "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
                *overrides]
     launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "sft" / "metrics.jsonl"
     deadline = time.time() + 180
-    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
+    while not (metrics.exists() and len(read_metrics(metrics)) >= rows):
         assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
-        time.sleep(0.1)
+        time.sleep(0.05)
     workers = _worker_pids(launcher.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)
@@ -181,6 +190,13 @@ def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
     assert launcher.returncode != 0
     assert time.time() - killed_at < 60
     assert "killed by SIGKILL" in stderr and "--resume" in stderr, stderr
+
+
+@slow
+def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
+    overrides = cli(small_overrides(tmp_path, **{"sft.batch_size": "8", "sft.eval_every": "100"}))
+    metrics = tmp_path / "sft" / "metrics.jsonl"
+    kill_one_rank_after("sft", overrides, metrics, rows=3)
     done = len(read_metrics(metrics))
     total = read_metrics(metrics)[0]["total_steps"]
     assert done < total, "the run finished before the kill: nothing was tested"
@@ -194,6 +210,77 @@ def test_killed_rank_stops_the_job_and_resume_continues(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
+
+
+# ------------------------------------------------------------------------------ hdpo
+@pytest.fixture(scope="module")
+def rl_ready(tmp_path_factory) -> Path:
+    """The golden test's data and its sft policy (one process, seconds): it answers its two
+    questions right and wrong, directly and through the calculator, so RL steps have signal."""
+    folder = tmp_path_factory.mktemp("rl")
+    write_data(folder)
+    result = metis("sft", "recipes/tiny.yaml", "--quiet", *golden_overrides(folder))
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+def hdpo_overrides(folder: Path, **extra: str) -> list[str]:
+    """2 prompts x 8 rollouts a step: one prompt's group per rank."""
+    return golden_overrides(folder, **{"hdpo.steps": "3", "hdpo.eval_every": "2", "hdpo.save_every": "1",
+                                       "hdpo.sample_every": "1", "hdpo.samples_to_save": "4", **extra})
+
+
+@slow
+def test_two_process_hdpo_writes_one_row_per_step_and_a_final_that_eval_loads(rl_ready):
+    result = metis("hdpo", "recipes/tiny.yaml", "--nproc-per-node", "2", *hdpo_overrides(rl_ready))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("hdpo: 3 steps") == 1, result.stdout  # rank 0 reports, rank 1 stays silent
+    stage = rl_ready / "run" / "hdpo"
+    records = read_metrics(stage / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    steps = records[1:]
+    assert all(r["world_size"] == 2 for r in steps)
+    assert any(r["grad_norm"] > 0 and r["update_rms"] > 0 for r in steps)
+    assert all("eval/easy/accuracy" in records[i] for i in (0, 2, 3))
+    samples = sorted((stage / "rollouts").glob("step_*.jsonl"))
+    assert len(samples) == 3 and all(len(f.read_text().splitlines()) == 4 for f in samples)  # saved once
+    lines = [json.loads(line) for line in samples[0].read_text().splitlines()]
+    assert len({line["prompt_id"] for line in lines}) == 2 and all(line["messages"] for line in lines)  # both ranks'
+    assert all((c / ".metadata").exists() for c in (stage / "checkpoints").glob("step_*"))
+    assert json.loads((stage / "DONE.json").read_text())["world_size"] == 2
+    evaluated = metis("eval", "recipes/tiny.yaml", "--json", "--model", str(stage / "final"), *golden_overrides(rl_ready))
+    assert evaluated.returncode == 0, evaluated.stderr
+
+
+@slow
+def test_one_hdpo_update_on_two_processes_equals_one_process(tiny_model_dir):
+    result = torchrun_worker("hdpo_update_worker.py", tiny_model_dir)
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["setting"] for r in reports] == ["on_policy", "off_policy"]
+    for report in reports:
+        for name in ("loss", "loss_tool", "entropy"):
+            one, two = report[name]
+            assert abs(one - two) < 1e-5, (report["setting"], name, one, two)
+        one, two = report["grad_norm"]
+        assert abs(one - two) < 1e-5 * one, report
+        assert report["worst_weight_difference"] < 1e-5, report
+        assert report["least_moved_weight"] > 1e-4, report  # every tensor took a real step
+
+
+@slow
+def test_killed_hdpo_rank_stops_the_job_and_resume_continues(rl_ready, tmp_path):
+    overrides = hdpo_overrides(rl_ready, **{"hdpo.steps": "12", "hdpo.eval_every": "100",
+                                            "hdpo.output": str(tmp_path / "hdpo")})
+    metrics = tmp_path / "hdpo" / "metrics.jsonl"
+    kill_one_rank_after("hdpo", overrides, metrics, rows=3)  # step 0's eval, steps 1 and 2
+    assert read_metrics(metrics)[-1]["step"] < 12, "the run finished before the kill: nothing was tested"
+
+    one_process = metis("hdpo", "recipes/tiny.yaml", "--resume", *overrides)
+    assert one_process.returncode == 2 and "several processes" in one_process.stderr
+
+    resumed = metis("hdpo", "recipes/tiny.yaml", "--resume", "--quiet", "--nproc-per-node", "2", *overrides)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in read_metrics(metrics)] == list(range(0, 13))  # none lost or repeated
 
 
 # ------------------------------------------------------------------------------ launch flags

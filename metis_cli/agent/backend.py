@@ -63,8 +63,10 @@ class Generation:
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        """One Generation per prompt, in order.
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[list] | None = None) -> list[Generation]:
+        """One Generation per prompt, in order. `images[i]` (vision-language policies only): prompt
+        i's PIL images, one per run of expanded image pads in its tokens, in order.
 
         A prompt may appear several times (n samples of it); each copy is sampled independently
         and a backend may share the prompt's prefill between copies. Generation stops at the
@@ -87,9 +89,10 @@ class ContinuousBackend(GenerationBackend, Protocol):
     (continuous batching); the rollout engine then starts each rollout's next turn as soon as
     its tool returns. Sampling contract as in `generate`."""
 
-    def submit(self, keys: list[int], prompt: list[int], params: SamplingParams) -> None:
+    def submit(self, keys: list[int], prompt: list[int], params: SamplingParams, images: list | None = None) -> None:
         """Start len(keys) independent continuations of `prompt` (sharing its prefill); `poll`
-        returns each under its key. Continuation i is seeded with params.seed + i."""
+        returns each under its key. Continuation i is seeded with params.seed + i. `images`: the
+        prompt's images (as in `generate`)."""
         ...
 
     def poll(self) -> list[tuple[int, Generation]]:

@@ -57,10 +57,13 @@ class ContinuousScheduler:
                 run.listener.on_turn_start(rollout)
                 in_flight[key] = (rollout, budget, time.perf_counter())
             request_seed = None if seed is None else derive_seed(ROLLOUT_REQUEST_SEED, seed, keys[0])
-            backend.submit(keys, group[0].token_ids, run.sampling(budget, request_seed))
+            backend.submit(keys, group[0].token_ids, run.sampling(budget, request_seed),
+                           **({"images": group[0].images} if run.engine.vision is not None else {}))
 
-        async def execute(requests: list, session: int) -> list:
-            return list(await asyncio.gather(*(tools.execute(call, so_far, session) for call, so_far in requests)))
+        async def execute(requests: list, session: int, context) -> list:
+            extra = {"context": context} if context is not None else {}
+            return list(await asyncio.gather(*(tools.execute(call, so_far, session, **extra)
+                                               for call, so_far in requests)))
 
         with _ToolLoop() as tool_loop, _cancelled_on_error(backend):
             for prompt_index in sorted({r.prompt_index for r in active}):
@@ -80,7 +83,8 @@ class ContinuousScheduler:
                         requests = run.tool_requests(rollout)
                         for call, _ in requests:
                             run.listener.on_tool_start(rollout, call)
-                        started_jobs.append(tool_loop.run(execute(requests, id(rollout))))
+                        started_jobs.append(tool_loop.run(execute(requests, id(rollout), run.tool_context(rollout)
+                                                                  if run.engine.vision is not None else None)))
                         tool_jobs[started_jobs[-1]] = (rollout, requests)
                 if started_jobs and in_flight and all(call.name in self._fast_tools for job in started_jobs
                                                       for call, _ in tool_jobs[job][1]):

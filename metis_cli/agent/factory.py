@@ -35,6 +35,7 @@ class Agent:
     registry: ToolRegistry | None
     tokenizer: Any
     model: Any | None
+    vision: Any | None = None  # model/vision.py Vision of a vision-language policy
 
     def close(self) -> None:
         """Release the backend (a vLLM engine and its memory); the model stays the caller's."""
@@ -61,6 +62,7 @@ def build_agent(
     max_new_tokens: int | None = None,
     max_total_tokens: int | None = None,
     temperature: float | None = None,
+    vision=None,
 ) -> Agent:
     """The agent that samples from `model_path` as `recipe` says.
 
@@ -70,7 +72,11 @@ def build_agent(
     backend: overrides `rollout.backend` ("hf" for `metis chat`, which streams tokens).
     token_stream: hooks into the HF backend's decode loop (agent/hf_backend.py); HF only.
     max_turns, max_new_tokens, max_total_tokens, temperature: override the `rollout` section's.
+    vision: the policy's image handling when the caller has it (model/vision.py); by default it is
+        built here for a vision-language model (its processor loaded from `model_path`).
     """
+    from metis_cli.model.vision import load_vision
+
     kind = backend or recipe.rollout.backend
     if token_stream is not None and kind != "hf":
         raise ValueError("a token stream needs the HF backend")
@@ -80,10 +86,13 @@ def build_agent(
         model, tokenizer = _load(recipe, model_path, field, with_weights=kind == "hf")
     elif model is None and kind == "hf":
         raise ValueError("build_agent: the HF backend needs the model the tokenizer belongs to")
-    sampler = build_backend(recipe, model, tokenizer, model_path=model_path, backend=kind, token_stream=token_stream)
+    if vision is None:
+        vision = load_vision(model_path, model=model, trust_remote_code=recipe.model.trust_remote_code, field=field)
+    sampler = build_backend(recipe, model, tokenizer, model_path=model_path, backend=kind, token_stream=token_stream,
+                            vision=vision)
     engine = build_engine(recipe, sampler, tokenizer, registry, max_turns=max_turns, max_new_tokens=max_new_tokens,
-                          max_total_tokens=max_total_tokens, temperature=temperature)
-    return Agent(engine, sampler, registry, tokenizer, model if kind == "hf" else None)
+                          max_total_tokens=max_total_tokens, temperature=temperature, vision=vision)
+    return Agent(engine, sampler, registry, tokenizer, model if kind == "hf" else None, vision)
 
 
 def _load(recipe, model_path: str, field: str, *, with_weights: bool):
@@ -102,7 +111,8 @@ def _load(recipe, model_path: str, field: str, *, with_weights: bool):
 
 
 def build_backend(recipe, model, tokenizer, *, model_path: str | None = None,
-                  backend: Literal["hf", "vllm"] | None = None, token_stream: TokenStream | None = None):
+                  backend: Literal["hf", "vllm"] | None = None, token_stream: TokenStream | None = None,
+                  vision=None):
     """`rollout.backend` (or `backend`): hf samples from `model` in place (shared with a trainer);
     vllm runs an engine in this process on `model_path`."""
     if (backend or recipe.rollout.backend) == "vllm":
@@ -111,12 +121,12 @@ def build_backend(recipe, model, tokenizer, *, model_path: str | None = None,
         return VllmBackend.from_recipe(recipe, model_path=model_path, tokenizer=tokenizer)
     from metis_cli.agent.hf_backend import HFBackend
 
-    return HFBackend(model, tokenizer, batch_size=recipe.rollout.batch_size, stream=token_stream)
+    return HFBackend(model, tokenizer, batch_size=recipe.rollout.batch_size, stream=token_stream, vision=vision)
 
 
 def build_engine(recipe, backend, tokenizer, registry, *, max_turns: int | None = None,
                  max_new_tokens: int | None = None, max_total_tokens: int | None = None,
-                 temperature: float | None = None) -> RolloutEngine:
+                 temperature: float | None = None, vision=None) -> RolloutEngine:
     from metis_cli.agent.rollout import RolloutEngine
 
     rollout = recipe.rollout
@@ -130,4 +140,5 @@ def build_engine(recipe, backend, tokenizer, registry, *, max_turns: int | None 
         continuous=rollout.vllm.continuous,
         max_response_tokens=rollout.max_response_tokens,
         max_observation_tokens=rollout.max_observation_tokens,
+        vision=vision,
     )

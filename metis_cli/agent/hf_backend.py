@@ -10,6 +10,13 @@ reported log-prob is `log_softmax(logits / temperature)[token]`, before top-p, t
 trainer recomputes (agent/backend.py). Greedy (or temperature <= 0) takes the argmax and reports
 `log_softmax(logits)[token]`.
 
+Vision-language policies: `generate(..., images=)` takes each prompt's images (in order of its
+expanded image pads, model/vision.py); the prefill gets their pixel values and the model's
+multimodal position ids, and decode steps continue each row from its last position + 1. The
+vision tokens (`Vision.special_token_ids`: image pads, vision start/end) are never sampled: a pad
+the model wrote would stand for no image. Their probability is removed before the draw only;
+the reported log-prob stays the full distribution's (what the trainer recomputes).
+
 An optional `TokenStream` sees every decode step's tokens as they are sampled and can end the
 call early (`metis chat` streams the answer's text and stops on Ctrl-C through it).
 
@@ -42,8 +49,11 @@ class TokenStream(Protocol):
 class HFBackend:
     """Samples from `model` in place; shares the object with the trainer, so weight sync is free."""
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64, stream: TokenStream | None = None):
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, stream: TokenStream | None = None,
+                 vision=None):
         self.model = model
+        self.vision = vision  # model/vision.py Vision for a vision-language policy, else None
+        self.banned = sorted(vision.special_token_ids) if vision is not None else []
         self.batch_size = batch_size
         self.stream = stream
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -55,7 +65,10 @@ class HFBackend:
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[list] | None = None) -> list[Generation]:
+        if images is not None and any(images) and self.vision is None:
+            raise ValueError("HFBackend got images but was built without `vision` (a text-only policy)")
         if params.max_new_tokens <= 0 or self._interrupted():
             return [Generation([], [], "length") for _ in prompts]
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -68,7 +81,8 @@ class HFBackend:
             with torch.inference_mode():
                 for start in range(0, len(order), self.batch_size):
                     batch = order[start : start + self.batch_size]
-                    generations = self._generate_batch([prompts[i] for i in batch], params, generator, batch)
+                    generations = self._generate_batch([prompts[i] for i in batch], params, generator, batch,
+                                                       None if images is None else [images[i] for i in batch])
                     for index, generation in zip(batch, generations):
                         results[index] = generation
         finally:
@@ -81,7 +95,7 @@ class HFBackend:
         return self.stream is not None and self.stream.interrupted
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None,
-                        positions: list[int]) -> list[Generation]:
+                        positions: list[int], images: list[list] | None = None) -> list[Generation]:
         """positions: each prompt's index in the generate call (what the stream is told)."""
         greedy, max_new_tokens = params.is_greedy, params.max_new_tokens
         temperature = 1.0 if greedy else params.temperature
@@ -94,6 +108,10 @@ class HFBackend:
             attention_mask[row, width - len(prompt) :] = 1
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        vision_inputs = {}
+        if images is not None and any(images):
+            vision_inputs = self.vision.forward_inputs(self.model, input_ids, attention_mask, images)
+            position_ids = vision_inputs.pop("position_ids")  # [3, B, L]
         stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
 
         cache = DynamicCache(config=self.model.config)
@@ -104,15 +122,17 @@ class HFBackend:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **vision_inputs,
         ).logits[:, -1, :]
-        next_position = position_ids[:, -1] + 1
+        # A row's next token comes after the highest position so far (images span fewer positions than tokens).
+        next_position = (position_ids[..., -1] if position_ids.dim() == 2 else position_ids[..., -1].amax(0)) + 1
         live_rows = list(range(len(prompts)))  # prompt index of each row still in the batch
         tokens: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
         finish: list[str] = ["length"] * len(prompts)
 
         for step in range(max_new_tokens):
-            token, logprob = _sample(logits.float(), temperature, params.top_p, greedy, generator)
+            token, logprob = _sample(logits.float(), temperature, params.top_p, greedy, generator, self.banned)
             is_stop = torch.isin(token, stop_ids)
             for row, (t, lp, stopped) in enumerate(zip(token.tolist(), logprob.tolist(), is_stop.tolist())):
                 tokens[live_rows[row]].append(t)
@@ -133,7 +153,8 @@ class HFBackend:
             logits = self.model(
                 input_ids=token[:, None],
                 attention_mask=attention_mask,
-                position_ids=next_position[:, None],
+                position_ids=next_position[:, None] if position_ids.dim() == 2 else
+                next_position[None, :, None].expand(3, -1, 1),
                 past_key_values=cache,
                 use_cache=True,
             ).logits[:, -1, :]
@@ -142,14 +163,20 @@ class HFBackend:
 
 
 def _sample(
-    logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator | None,
+    banned: list[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], log-prob [B]) for logits [B, V]; log-prob is before top-p truncation."""
+    """(token [B], log-prob [B]) for logits [B, V]; log-prob is before top-p truncation and
+    before `banned` token ids are taken out of the draw."""
     logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    drawn = logprobs
+    if banned:
+        drawn = logprobs.clone()
+        drawn[:, banned] = float("-inf")
     if greedy:
-        token = logprobs.argmax(dim=-1)
+        token = drawn.argmax(dim=-1)
     else:
-        probs = logprobs.exp()
+        probs = drawn.exp()
         if top_p < 1.0:
             probs = _top_p_filter(probs, top_p)
         token = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -24,6 +24,13 @@ max_total_tokens, or the turns -- generated and forced tokens alike, the prompt 
 would exceed max_response_tokens; forced tokens that do not fit are not appended, so token_ids
 never end in a cut-off tool turn). With max_observation_tokens, a tool result longer than that is
 cut to its last max_observation_tokens tokens, behind a mark, before it is shown.
+Images (vision-language policies, an engine built with `vision`, model/vision.py): `run(...,
+images=)` gives each prompt's images; a rollout's `images` are those, then every image a tool
+returned, in order. Each rendered `<|image_pad|>` is expanded to its image's token count as it is
+appended (prompt or forced tokens, loss mask 0); the backend gets each rollout's images with its
+tokens, and tools that need the conversation (zoom_in) get them as their `ToolContext`. A tool's
+images come back inside its forced `tool` turn, before its text, as in the official agent loop.
+
 Rollout, RolloutBatch (the trainer's tensors) and RolloutListener live in agent/rollout_types.py.
 
 Must not touch: rewards (rewards/*), advantages and losses (algo/*), sampling internals (backends).
@@ -70,8 +77,10 @@ class RolloutEngine:
         continuous: bool = True,
         max_response_tokens: int | None = None,
         max_observation_tokens: int | None = None,
+        vision=None,
     ):
         self.backend = backend
+        self.vision = vision
         self.continuous = continuous
         self._scheduler = ContinuousScheduler()
         self.tokenizer = tokenizer
@@ -100,22 +109,29 @@ class RolloutEngine:
         seed: int | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         listener: RolloutListener | None = None,
+        images: list[list] | None = None,
     ) -> list[Rollout]:
         """group_size rollouts per prompt, ordered by (prompt_index, sample_index).
 
         use_tools=False renders no tools into the prompt, and a tool call ends the rollout.
         on_progress(finished, total) is called after every turn; `listener` hears of every turn
-        and tool call as it happens.
+        and tool call as it happens. `images[i]`: prompt i's PIL images, in order of appearance.
         """
+        if images is not None and any(images) and self.vision is None:
+            raise ModelError("these prompts have images, but the policy is a text-only model (no vision tower); "
+                             "use a vision-language model (e.g. Qwen3-VL) or text-only data")
         run = EngineRun(self, greedy=greedy, use_tools=use_tools and self.tools is not None,
                         listener=listener or RolloutListener())
         rollouts = []
         for prompt_index, messages in enumerate(prompts):
             text = render(self.tokenizer, messages, run.tool_specs, add_generation_prompt=True)
             ids = encode_text(self.tokenizer, text)
+            prompt_images = list(images[prompt_index]) if images is not None else []
+            if self.vision is not None:
+                ids = self.vision.expand(ids, prompt_images, where=f"prompt {prompt_index}")[0]
             for sample_index in range(group_size):
                 rollout = Rollout(prompt_index, sample_index, list(ids), len(ids), [0] * len(ids),
-                                  [0.0] * len(ids), [dict(m) for m in messages])
+                                  [0.0] * len(ids), [dict(m) for m in messages], images=list(prompt_images))
                 rollout._turn_start = text
                 rollouts.append(rollout)
         active = [r for r in rollouts if not run.out_of_room(r)]
@@ -150,7 +166,8 @@ class RolloutEngine:
         for rollout in active:
             run.listener.on_turn_start(rollout)
         started = time.perf_counter()
-        generations = self.backend.generate([r.token_ids for r in active], run.sampling(max(budgets), seed))
+        generations = self.backend.generate([r.token_ids for r in active], run.sampling(max(budgets), seed),
+                                            **run.images_kwargs(active))
         generation_s = time.perf_counter() - started
         return [rollout for rollout, generation, budget in zip(active, generations, budgets)
                 if run.end_turn(rollout, generation, budget, generation_s)]
@@ -161,9 +178,11 @@ class RolloutEngine:
         for rollout, per_rollout in zip(rollouts, requests):
             for call, _ in per_rollout:
                 run.listener.on_tool_start(rollout, call)
+        contexts = {"contexts": [run.tool_context(r) for r, per_rollout in zip(rollouts, requests)
+                                 for _ in per_rollout]} if self.vision is not None else {}
         results = iter(self.tools.execute_many([request for per_rollout in requests for request in per_rollout],
                                                sessions=[id(r) for r, per_rollout in zip(rollouts, requests)
-                                                         for _ in per_rollout]))
+                                                         for _ in per_rollout], **contexts))
         for rollout, per_rollout in zip(rollouts, requests):
             run.show_tool_results(rollout, per_rollout, [next(results) for _ in per_rollout])
 
@@ -187,6 +206,16 @@ class EngineRun:
         if engine.max_response_tokens is not None:
             room = min(room, engine.max_response_tokens - (len(rollout.token_ids) - rollout.prompt_len))
         return room
+
+    def images_kwargs(self, rollouts: list[Rollout]) -> dict:
+        """The backend's `images=` argument for these rollouts ({} for a text-only policy)."""
+        return {"images": [r.images for r in rollouts]} if self.engine.vision is not None else {}
+
+    def tool_context(self, rollout: Rollout):
+        """What a tool that needs the conversation sees: its images so far."""
+        from metis_cli.agent.tools.base import ToolContext
+
+        return ToolContext(images=tuple(rollout.images))
 
     def turn_budget(self, rollout: Rollout) -> int:
         return min(self.engine.max_new_tokens_per_turn, self.room(rollout))
@@ -233,9 +262,13 @@ class EngineRun:
 
     def show_tool_results(self, rollout: Rollout, requests: list[tuple], results: list) -> None:
         """Record the calls' results as `tool` turns and queue their rendering as forced tokens."""
-        tool_messages = []
+        tool_messages, new_images = [], []
         for (call, _), result in zip(requests, results):
-            message = {"role": "tool", "content": self._observation(result.text)}
+            images = list(result.images) if self.engine.vision is not None else []
+            text = self._observation(result.text)
+            message = {"role": "tool", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": text}]
+                       if images else text}
+            new_images += images
             if call.name:
                 message["name"] = call.name
             tool_messages.append(message)
@@ -251,6 +284,9 @@ class EngineRun:
                                                               self.tool_specs, rollout._turn_start)
         forced, rollout._turn_start = self._forced_cache[cache_key]
         rollout.messages += tool_messages
+        if self.engine.vision is not None:
+            forced = self.engine.vision.expand(forced, new_images, where=f"the tool turn of rollout {rollout.prompt_index}")[0]
+            rollout.images += new_images
         if len(forced) >= self.room(rollout):
             rollout.finish_reason = "length"  # no room to show the result and generate after it
             return

@@ -38,6 +38,7 @@ class Rollout:
         call, error None for a call that succeeded (per-tool figures: rewards/tool_economy.py).
     generation_s: wall time of the batched backend calls this rollout took part in.
     tool_s: sum of the registry's runtime_s over this rollout's calls.
+    images: the images its token_ids show, in order (vision-language policies; agent/rollout.py).
     """
 
     prompt_index: int
@@ -55,6 +56,7 @@ class Rollout:
     generated_tokens: int = 0
     generation_s: float = 0.0
     tool_s: float = 0.0
+    images: list = field(default_factory=list)  # PIL images in order of their (expanded) pads: prompt's, then tools'
     _turn_start: str = field(default="", repr=False)  # rendered text up to the open assistant turn
 
     @property

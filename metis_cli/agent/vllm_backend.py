@@ -75,17 +75,20 @@ class VllmBackend:
         return backend
 
     # ------------------------------------------------------------------------------ sampling
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 images: list[list] | None = None) -> list[Generation]:
         """A whole batch at once: `submit` each distinct prompt (its copies become one request with
         n = copies, sharing the prefill), then `poll` until every copy is back."""
         if self._in_flight or self._done_without_engine:
             raise RuntimeError("VllmBackend.generate called while submitted continuations are still pending")
-        positions: dict[tuple[int, ...], list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            positions.setdefault(tuple(prompt), []).append(index)
-        for request_index, (prompt, indices) in enumerate(positions.items()):
+        positions: dict[tuple, list[int]] = {}
+        for index, prompt in enumerate(prompts):  # copies share the tokens and the very same image objects
+            row_images = images[index] if images is not None else []
+            positions.setdefault((tuple(prompt), tuple(id(image) for image in row_images)), []).append(index)
+        for request_index, ((prompt, _), indices) in enumerate(positions.items()):
             seed = None if params.seed is None else derive_seed(VLLM_REQUEST_SEED, params.seed, request_index)
-            self.submit(indices, list(prompt), replace(params, seed=seed))
+            self.submit(indices, list(prompt), replace(params, seed=seed),
+                        images=images[indices[0]] if images is not None else None)
         results: list[Generation | None] = [None] * len(prompts)
         while self.pending:
             for index, generation in self.poll():
@@ -93,11 +96,13 @@ class VllmBackend:
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ continuous batching
-    def submit(self, keys: list[int], prompt: list[int], params: SamplingParams) -> None:
+    def submit(self, keys: list[int], prompt: list[int], params: SamplingParams, images: list | None = None) -> None:
         """Start len(keys) independent continuations of `prompt` now, alongside whatever the engine
         is generating; `poll` hands each back under its key as soon as it is done. One request with
         n = len(keys), so the prompt's prefill is shared; continuation i is seeded with seed + i.
-        A prompt with no room left under max_model_len (vLLM would refuse it) comes back empty."""
+        A prompt with no room left under max_model_len (vLLM would refuse it) comes back empty.
+        `images`: the prompt's PIL images in order of its (already expanded) image pads, passed as
+        `multi_modal_data` (vLLM's Qwen-VL processors find the expanded pads and do not expand again)."""
         from vllm.inputs import TokensPrompt
 
         room = min(params.max_new_tokens, self.max_model_len - len(prompt))
@@ -109,7 +114,7 @@ class VllmBackend:
         self._next_request += 1
         streams = 1 if params.is_greedy else len(keys)
         self._in_flight[request_id] = _Request(list(keys), [[] for _ in range(streams)], [[] for _ in range(streams)])
-        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)),
+        self.llm.llm_engine.add_request(request_id, _tokens_prompt(TokensPrompt, prompt, images),
                                         _vllm_sampling_params(params, n=streams, max_tokens=room))
 
     def poll(self) -> list[tuple[int, Generation]]:
@@ -229,3 +234,10 @@ def checkpoint_weights(model) -> dict:
                 continue
             weights.setdefault(name.replace(".base_layer.", "."), tensor.detach())
     return weights
+
+
+def _tokens_prompt(tokens_prompt, prompt: list[int], images: list | None):
+    """vLLM's token prompt, with the images as multi_modal_data when there are any."""
+    if images:
+        return tokens_prompt(prompt_token_ids=list(prompt), multi_modal_data={"image": list(images)})
+    return tokens_prompt(prompt_token_ids=list(prompt))

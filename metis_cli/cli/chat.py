@@ -1,4 +1,5 @@
-"""`metis chat`: talk to a model with its tools (REPL), or answer questions once for scripts."""
+"""`metis chat`: talk to a model with its tools (REPL), or answer questions once for scripts;
+`--image` shows a vision-language model images with the first question."""
 
 from __future__ import annotations
 
@@ -25,11 +26,16 @@ OnceOpt = Annotated[
     typer.Option("--once", help="Answer this question and exit; '-' reads one question per stdin line "
                  "(each in a fresh conversation)."),
 ]
+ImageOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--image", help="An image for the first question (repeatable, in order; with --once - "
+                 "every question gets them). Needs a vision-language model. In the REPL: /image PATH."),
+]
 
 
 @cli_command
-def chat(model: ChatModelOpt = None, recipe: ChatRecipeOpt = None, once: OnceOpt = None, overrides: SetOpt = None,
-         json_output: JsonOpt = False) -> None:
+def chat(model: ChatModelOpt = None, recipe: ChatRecipeOpt = None, once: OnceOpt = None,
+         image: ImageOpt = None, overrides: SetOpt = None, json_output: JsonOpt = False) -> None:
     """Chat with a model and its tools: streamed text, a panel per tool call, /help for commands."""
     if json_output and once is None:
         raise MetisError("--json needs --once QUESTION (the interactive chat has no JSON form)")
@@ -39,16 +45,21 @@ def chat(model: ChatModelOpt = None, recipe: ChatRecipeOpt = None, once: OnceOpt
     model_path = model or _default_model(loaded)
     from rich.console import Console
 
+    from metis_cli.data.images import load_image
     from metis_cli.stages.chat import open_session
     from metis_cli.stages.chat_repl import Repl, answer_once
 
     # With --json, stdout carries only JSON; everything for people goes to stderr.
     console = Console(stderr=json_output, highlight=False)
+    # Read the images before loading the model: a wrong path fails in a moment.
+    images = [load_image(str(path), where=f"--image {path}") for path in image or []]
     session = open_session(model_path, loaded, quiet=json_output)
+    if images:
+        session.require_vision("--image")
     if once is not None:
-        answer_once(session, once, json_output=json_output, console=console)
+        answer_once(session, once, json_output=json_output, console=console, images=images)
         return
-    Repl(session, console).loop()
+    Repl(session, console, images).loop()
 
 
 def _recipe(model: str | None, recipe: Path | None, overrides: list[str] | None):

@@ -41,9 +41,15 @@ RunOpt = Annotated[
 def eval_command(recipe: RecipeArg, models: ModelOpt = None, samples: SamplesOpt = None, subsets: SubsetOpt = None,
                  redundancy: RedundancyOpt = False, run_dir: RunOpt = None, overrides: SetOpt = None,
                  allow_unscored: AllowUnscoredOpt = False, json_output: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    """Evaluate models on the recipe's eval sets; writes report.json, report.md and plot.png to eval.output."""
-    from metis_cli.recipe import load_recipe
+    """Evaluate models on the recipe's eval sets; writes report.json, report.md and plot.png to eval.output.
 
+    Given a sweep folder (`metis sweep`) instead of a recipe, shows its comparison table."""
+    from metis_cli.recipe import load_recipe
+    from metis_cli.telemetry.sweep_folder import is_sweep_dir
+
+    if is_sweep_dir(recipe):
+        _show_sweep(recipe, json_output, quiet, given=[models, samples, subsets, redundancy, run_dir, overrides])
+        return
     loaded = load_recipe(recipe, overrides or [])
     from metis_cli.stages import eval as stage
 
@@ -55,6 +61,23 @@ def eval_command(recipe: RecipeArg, models: ModelOpt = None, samples: SamplesOpt
         _print_report(result, quiet)
     if result.unscored and not allow_unscored:
         raise stage.unscored_error(loaded, result)
+
+
+def _show_sweep(folder: Path, json_output: bool, quiet: bool, given: list) -> None:
+    from metis_cli.errors import MetisError
+    from metis_cli.stages import sweep
+
+    if any(given):
+        raise MetisError(f"{folder} is a sweep folder: metis eval shows its comparison and takes no --model, "
+                         "--samples, --subset, --redundancy, --run or --set; evaluate one of its runs with its "
+                         "recipe instead (metis eval RUN_DIR/recipe.yaml)")
+    result = sweep.show(folder)
+    if json_output:
+        print_json({"folder": str(result.folder), "summary": result.sweep["summary"], "runs": result.sweep["runs"]})
+        return
+    from metis_cli.cli.sweep import print_sweep
+
+    print_sweep(result, quiet)
 
 
 def _print_report(result, quiet: bool) -> None:

@@ -1,7 +1,7 @@
 """`--nproc-per-node N [--nnodes M --node-rank R --master-addr HOST --master-port P]`: metis
 starts torchrun itself, which runs `python -m metis_cli <the same command>` once per process.
 
-`torchrun ... -m metis_cli sft RECIPE` works as well (torchrun then owns the launch and these
+`torchrun ... -m metis_cli sft|hdpo RECIPE` works as well (torchrun then owns the launch and these
 flags stay unset). One process, the default, never goes through here. When a process fails,
 torchrun stops the others; `start` then says which rank died and how, and exits 2 when the
 first rank to fail stopped on a user error (it printed the message), 1 otherwise. Never imports

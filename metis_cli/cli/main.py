@@ -12,6 +12,7 @@ from metis_cli.cli.eval import eval_command
 from metis_cli.cli.plan import plan
 from metis_cli.cli.push import push
 from metis_cli.cli.serve import serve
+from metis_cli.cli.sweep import sweep
 from metis_cli.cli.train import hdpo, run, sft
 from metis_cli.cli import recipes as recipes_cli
 from metis_cli.cli import tools as tools_cli
@@ -48,6 +49,7 @@ app.command()(curate)
 app.command()(run)
 app.command()(sft)
 app.command()(hdpo)
+app.command()(sweep)
 app.command(name="eval")(eval_command)
 app.command()(chat)
 app.command()(serve)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from metis_cli.errors import MetisError
 from metis_cli.cli.common import JsonOpt, QuietOpt, RecipeArg, SetOpt, cli_command, print_json
 from metis_cli.cli.launch import (Launch, MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, NprocOpt,
                                   exit_if_not_main, start)
@@ -42,29 +40,24 @@ def _with_dashboard(stage: str, recipe_path: Path, loaded, overrides, resume: bo
     raise typer.Exit(code)
 
 
-def _train(name: str, recipe: Path, overrides, resume: bool, overwrite: bool, tui: bool, quiet: bool,
-           launch: Launch, output_flags: tuple[str, ...] = ()):
-    """Run one training stage (in the dashboard's child process with --tui, in torchrun's workers
-    with --nproc-per-node > 1); (recipe, result) on the process that prints it."""
+def _train(name: str, recipe: Path, overrides, resume: bool, overwrite: bool, tui: bool, json_output: bool,
+           quiet: bool, launch: Launch):
+    """Run one training stage: here; in the dashboard's child process with --tui; in torchrun's
+    workers with --nproc-per-node/--nnodes (this process then only waits for them and exits with
+    the job's code). (recipe, result) on the process that prints it; other ranks exit quietly."""
     import importlib
 
     loaded = _load(recipe, overrides)
     launch.check()
     if tui:
         _with_dashboard(name, recipe, loaded, overrides, resume, overwrite, launch)
-    if name == "hdpo" and (launch.wanted or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        # Data-parallel rollouts are not wired into stages/hdpo.py yet (issue 13).
-        raise MetisError("hdpo runs on one process for now: drop --nproc-per-node/--nnodes (sft supports them)")
     if launch.wanted:
+        output_flags = ("--json",) * json_output + ("--quiet",) * quiet
         raise typer.Exit(start(launch, _child_argv(name, recipe, overrides, resume, overwrite, *output_flags)))
     stage = importlib.import_module(f"metis_cli.stages.{name}")
-    result = stage.run(loaded, resume=resume, overwrite=overwrite, quiet=quiet)
+    result = stage.run(loaded, resume=resume, overwrite=overwrite, quiet=quiet or json_output)
     exit_if_not_main()
     return loaded, result
-
-
-def _output_flags(json_output: bool, quiet: bool) -> tuple[str, ...]:
-    return ("--json",) * json_output + ("--quiet",) * quiet
 
 
 @cli_command
@@ -73,9 +66,8 @@ def sft(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False, 
         nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0,
         master_addr: MasterAddrOpt = None, master_port: MasterPortOpt = 29500) -> None:
     """Cold-start supervised fine-tuning (loss on assistant tokens only)."""
-    launch = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
-    _, result = _train("sft", recipe, overrides, resume, overwrite, tui, quiet or json_output, launch,
-                       _output_flags(json_output, quiet))
+    _, result = _train("sft", recipe, overrides, resume, overwrite, tui, json_output, quiet,
+                       Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port))
     if json_output:
         print_json({"stage_dir": str(result.stage_dir), "final": str(result.final_dir), "steps": result.steps,
                     "loss": result.final_loss, "eval_loss": result.eval_loss})
@@ -93,9 +85,8 @@ def hdpo(recipe: RecipeArg, overrides: SetOpt = None, resume: ResumeOpt = False,
          nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0,
          master_addr: MasterAddrOpt = None, master_port: MasterPortOpt = 29500) -> None:
     """RL with HDPO (or --set hdpo.estimator=grpo|coupled|gdpo for the baselines)."""
-    launch = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
-    loaded, result = _train("hdpo", recipe, overrides, resume, overwrite, tui, quiet or json_output, launch,
-                            _output_flags(json_output, quiet))
+    loaded, result = _train("hdpo", recipe, overrides, resume, overwrite, tui, json_output, quiet,
+                            Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port))
     if json_output:
         print_json({"stage_dir": str(result.stage_dir), "final": str(result.final_dir), "steps": result.steps,
                     "stopped": result.stopped, "eval_before": result.eval_first, "eval_after": result.eval_last})

@@ -3,8 +3,8 @@
 The source (path, split, layout, subset_field, limit; validated by recipe/schema.py
 `DataSource`) is read row by row by data/readers.py: `.jsonl`, `.json`, `.parquet`, a `datasets`
 save_to_disk folder, or `hf:NAME[:CONFIG]`. Row layouts (`layout: auto` picks per row):
-  - messages: OpenAI chat `messages` (system/user/assistant/tool, string content) + `answer`,
-    optional `id`, `images` and a subset column (`subset_field`, default "subset");
+  - messages: OpenAI chat `messages` (system/user/assistant/tool) + `answer`, optional `id`,
+    `images` and a subset column (`subset_field`, default "subset");
   - verl: the parquet layout of verl and the official Metis-RL / Metis-ColdStart data: `prompt`
     (list of messages), `images`, `data_source` (used as subset), `reward_model.ground_truth`
     (the answer: a string, or a list of acceptable answers), `extra_info` (kept in meta;
@@ -12,6 +12,13 @@ save_to_disk folder, or `hf:NAME[:CONFIG]`. Row layouts (`layout: auto` picks pe
 Assistant messages in OpenAI's native `tool_calls` form are rewritten into the text form our chat
 templates use, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. docs/formats.md shows
 both layouts.
+
+Images: a content is a string or a list of text and image parts (data/content.py turns OpenAI
+parts, `{"type": "image"}` parts and verl's `<image>` placeholders into that form);
+`Example.images` holds the row's image sources in order of appearance (absolute paths, bytes or
+data URLs, never decoded pixels), each checked cheaply here (data/images.py `check_image`) so a
+missing, empty or corrupt image is a malformed row before training starts. Relative paths are
+relative to the data file's folder (a saved dataset's own folder).
 
 Every malformed row raises DataError naming the file, the line (JSONL, 1-based) or row (tables,
 0-based) and what is wrong; with malformed_rows="skip" it is dropped and reported instead.
@@ -27,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metis_cli.data.content import content_text, fill_slots, image_count, parse_content
+from metis_cli.data.images import check_image
 from metis_cli.data.readers import iter_rows
 from metis_cli.errors import DataError
 from metis_cli.recipe.schema import DataSource
@@ -41,11 +50,15 @@ DEFAULT_SUBSET = "default"
 class Example:
     """One prompt (and, for SFT, its full trajectory).
 
-    messages: the prompt, every message up to and including the last user turn.
+    messages: the prompt, every message up to and including the last user turn. Each content
+        is a string, or a list of `{"type": "text", "text": ...}` and `{"type": "image"}` parts.
     trajectory: the whole conversation when assistant turns follow the last user turn (SFT
         data); None for prompt-only rows (RL / eval data).
     answer: the gold answer as text, or a list of acceptable answers (the best match scores,
         rewards/checkers.py); None when the row has none.
+    images: the sources of the image parts in order of appearance over the trajectory (else
+        the prompt): absolute paths, bytes or data URLs; `load_images` decodes them.
+    origin: the data file or dataset the row came from (named in image errors).
     """
 
     id: str
@@ -55,11 +68,19 @@ class Example:
     images: list = field(default_factory=list)
     trajectory: list[dict] | None = None
     meta: dict = field(default_factory=dict)
+    origin: str = field(default="", compare=False)
 
     @property
     def question(self) -> str:
         """Text of the last user turn (what a judge is shown as the question)."""
-        return self.messages[-1]["content"]
+        return content_text(self.messages[-1]["content"])
+
+    def load_images(self, max_pixels: int | None = None) -> list:
+        """The row's images as RGB PIL images sized for a processor (data/images.py `fit_image`,
+        at most `max_pixels` pixels when given); decoded now, not kept."""
+        from metis_cli.data.images import load_images
+
+        return load_images(self.images, where=f"{self.origin} row {self.id!r}", max_pixels=max_pixels)
 
 
 def _as_source(source: Any, overrides: dict[str, Any]) -> DataSource:
@@ -116,11 +137,12 @@ def iter_examples(
     spec = _as_source(source, overrides)
     count = 0
     stem = Path(spec.path.removeprefix("hf:").split(":")[0]).stem
+    base_dir = _image_base_dir(spec.path)
     for where, position, row in iter_rows(spec):
         try:
             if isinstance(row, DataError):
                 raise row
-            example = _row_to_example(row, where, spec, need_answer, f"{stem}-{position}")
+            example = _row_to_example(row, where, spec, need_answer, f"{stem}-{position}", base_dir)
         except DataError as error:
             if malformed_rows == "error":
                 raise
@@ -139,8 +161,17 @@ def iter_examples(
 # ---- turning one row into an Example ----
 
 
+def _image_base_dir(path: str) -> Path | None:
+    """Where a source's relative image paths start: a file's folder, a saved dataset's own
+    folder; None (the working folder) for hub datasets."""
+    if path.startswith("hf:"):
+        return None
+    location = Path(path).expanduser().absolute()
+    return location if location.is_dir() else location.parent
+
+
 def _row_to_example(
-    row: Any, where: str, spec: DataSource, need_answer: bool, fallback_id: str
+    row: Any, where: str, spec: DataSource, need_answer: bool, fallback_id: str, base_dir: Path | None
 ) -> Example:
     """fallback_id: the id used when the row has none ("<file stem>-<line or row>")."""
     if not isinstance(row, dict):
@@ -175,26 +206,34 @@ def _row_to_example(
 
     if row.get(conversation_field) is None:
         raise DataError(f"{where}: missing `{conversation_field}` (a list of chat messages)")
-    conversation = _normalise_messages(row[conversation_field], where, conversation_field)
+    row_id = str(row_id) if row_id is not None else fallback_id
+    conversation, slots = _normalise_messages(row[conversation_field], where, conversation_field, "images" in row)
     prompt, trajectory = _split_prompt(conversation, where, conversation_field)
+    sources = fill_slots(slots, _as_list(row.get("images")), f"{where}: row {row_id!r}")
+    if trajectory is None:  # images after the prompt belong to no kept message
+        sources = sources[: sum(image_count(message["content"]) for message in prompt)]
     return Example(
-        id=str(row_id) if row_id is not None else fallback_id,
+        id=row_id,
         messages=prompt,
         answer=_answer_text(answer_value, where, answer_field, need_answer),
         subset=str(subset) if subset not in (None, "") else DEFAULT_SUBSET,
-        images=_as_list(row.get("images")),
+        images=[check_image(source, where=f"{where}: row {row_id!r} images[{index}]", base_dir=base_dir)
+                for index, source in enumerate(sources)],
         trajectory=trajectory,
         meta={key: value for key, value in row.items() if key not in consumed},
+        origin=spec.path,
     )
 
 
-def _normalise_messages(raw: Any, where: str, field_name: str) -> list[dict]:
-    """Validated copies of the messages: known role, string content, no None-valued keys."""
+def _normalise_messages(raw: Any, where: str, field_name: str, has_images: bool) -> tuple[list[dict], list]:
+    """Validated copies of the messages (known role, a string or parts content, no None-valued
+    keys) and their image slots in order (data/content.py `parse_content`). `has_images`: the
+    row has an `images` field, so `<image>` in a string marks one."""
     if hasattr(raw, "tolist"):  # numpy arrays from pandas-built parquet
         raw = raw.tolist()
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{where}: `{field_name}` must be a non-empty list of chat messages")
-    messages = []
+    messages, slots = [], []
     for number, message in enumerate(raw, start=1):
         label = f"{where}: `{field_name}` message {number}"
         if not isinstance(message, dict):
@@ -205,16 +244,17 @@ def _normalise_messages(raw: Any, where: str, field_name: str) -> list[dict]:
         if role not in ROLES:
             raise DataError(f"{label} has role {role!r}; roles must be one of {', '.join(ROLES)}")
         if role == "assistant" and message.get("tool_calls"):
+            if message.get("content") is not None:
+                message["content"], call_slots = parse_content(message["content"], f"{label} ({role})",
+                                                               split_placeholders=False)
+                if call_slots:
+                    raise DataError(f"{label}: an assistant turn with `tool_calls` cannot hold images")
             message["content"] = _with_text_tool_calls(message, label)
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise DataError(
-                f"{label} ({role}) content must be a string, got {type(content).__name__}; "
-                "multimodal content lists are not supported: put images in the `images` field "
-                "and mark them with <image> in the text"
-            )
+        message["content"], message_slots = parse_content(message.get("content"), f"{label} ({role})",
+                                                          split_placeholders=has_images)
         messages.append(message)
-    return messages
+        slots.extend(message_slots)
+    return messages, slots
 
 
 def _with_text_tool_calls(message: dict, label: str) -> str:

@@ -9,7 +9,8 @@ Sources an image may come as (`load_image`):
 - a PIL image.
 
 Every problem (missing file, corrupt or empty data, an impossible size) is a `DataError` that
-names the row and the image (`where`), raised before any training starts. Sizes follow the
+names the row and the image (`where`), raised before any training starts (`check_image`, which
+data loading runs on every row's images without decoding them). Sizes follow the
 official Qwen-VL tool code: each side at least `MIN_SIDE` pixels (smaller images are enlarged),
 an aspect ratio of at most `MAX_ASPECT_RATIO` (the processor refuses more), and at most
 `max_pixels` pixels when given (larger images are shrunk, aspect kept).
@@ -84,12 +85,7 @@ def fit_image(image, *, where: str, max_pixels: int | None = None, min_side: int
     from PIL import Image
 
     width, height = image.size
-    if width == 0 or height == 0:
-        raise DataError(f"{where}: the image is empty ({width}x{height} pixels)")
-    aspect = max(width, height) / min(width, height)
-    if aspect > MAX_ASPECT_RATIO:
-        raise DataError(f"{where}: the image is {width}x{height} pixels, an aspect ratio of {aspect:.0f}; "
-                        f"vision processors take at most {MAX_ASPECT_RATIO} (crop or pad it)")
+    _check_size(width, height, where)
     scale = 1.0
     if max_pixels is not None and width * height > max_pixels:
         scale = math.sqrt(max_pixels / (width * height))
@@ -98,6 +94,57 @@ def fit_image(image, *, where: str, max_pixels: int | None = None, min_side: int
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def check_image(source: Any, *, where: str, base_dir: str | Path | None = None) -> str | bytes:
+    """`source` as a loaded row keeps it: an absolute path, bytes or a data URL (never decoded
+    pixels, so a large set does not sit in memory). Checked cheaply first: the data is there and
+    non-empty, PIL opens and `verify()`s it, and its size is one `fit_image` takes; else a
+    DataError naming `where`, so a bad image stops a run before training starts."""
+    from PIL import Image, UnidentifiedImageError
+
+    kept = _kept_source(source, where, base_dir)
+    data, label = _image_bytes(kept, where, None)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            image.verify()
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{where} ({label}): {error}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{where} ({label}): not a readable image ({type(error).__name__}: {error})") from None
+    _check_size(*size, where=f"{where} ({label})")
+    return kept
+
+
+def _kept_source(source: Any, where: str, base_dir: str | Path | None) -> Any:
+    """A {bytes, path} struct as its bytes (else its path); a path made absolute against
+    `base_dir`; anything else as given (`_image_bytes` refuses what is not an image source)."""
+    if isinstance(source, dict):
+        if source.get("bytes"):
+            return bytes(source["bytes"])
+        if source.get("path"):
+            return _kept_source(source["path"], where, base_dir)
+        raise DataError(f"{where}: the image struct has neither bytes nor a path")
+    if isinstance(source, (bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, Path):
+        source = str(source)
+    if isinstance(source, str) and source.strip() and not source.startswith(("data:", "http://", "https://")):
+        path = Path(source.removeprefix("file://")).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        return str(path.absolute())
+    return source
+
+
+def _check_size(width: int, height: int, where: str) -> None:
+    if width == 0 or height == 0:
+        raise DataError(f"{where}: the image is empty ({width}x{height} pixels)")
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_ASPECT_RATIO:
+        raise DataError(f"{where}: the image is {width}x{height} pixels, an aspect ratio of {aspect:.0f}; "
+                        f"vision processors take at most {MAX_ASPECT_RATIO} (crop or pad it)")
 
 
 def zoom(image, bbox: list, *, min_pixels: int, max_pixels: int) -> tuple[Any, tuple[int, int, int, int]]:

@@ -8,7 +8,9 @@
 `iter_rows` yields (where, position, row): `where` names the file and line (JSONL, 1-based) or
 row (tables, 0-based) for error messages, `position` is that number, and a row that cannot even
 be parsed is yielded as a DataError (so malformed_rows="skip" can move on). A missing file, an
-unsupported type or an unloadable dataset raises DataError. What a row means is data/datasets.py's.
+unsupported type or an unloadable dataset raises DataError. Rows are plain Python values as Arrow
+stores them (images as `{bytes, path}` structs, never decoded). What a row means is
+data/datasets.py's.
 `datasets` and `pyarrow` are imported only inside functions so that the CLI starts without them.
 """
 
@@ -147,5 +149,33 @@ def _pick_split(splits: Any, split: str | None, label: str) -> Any:
 
 
 def _iter_dataset(dataset: Any, label: str) -> RawRows:
-    for index, row in enumerate(dataset):
-        yield f"{label} row {index} (0-based)", index, row
+    # Rows decoded as `datasets` decodes them (Json columns, class labels), except that Image
+    # features stay the {bytes, path} structs they store, as a parquet file gives them: decoded
+    # PIL images of a large set must not sit in memory. Casting the dataset instead would
+    # rewrite every row to a cache file.
+    features = _undecoded_images(dataset.features)
+    index = 0
+    for batch in dataset.with_format("arrow").iter(batch_size=256):
+        for row in batch.to_pylist():
+            yield f"{label} row {index} (0-based)", index, features.decode_example(row)
+            index += 1
+
+
+def _undecoded_images(features: Any) -> Any:
+    """`features` with every (nested) `datasets.Image` set to decode=False."""
+    import datasets
+
+    def visit(feature: Any) -> Any:
+        if isinstance(feature, datasets.Image):
+            return datasets.Image(mode=feature.mode, decode=False)
+        if isinstance(feature, dict):
+            return type(feature)({key: visit(value) for key, value in feature.items()})
+        if isinstance(feature, datasets.LargeList):
+            return datasets.LargeList(visit(feature.feature))
+        if isinstance(feature, datasets.List):
+            return datasets.List(visit(feature.feature), length=feature.length)
+        if isinstance(feature, list):  # the legacy `[feature]` spelling
+            return [visit(feature[0])]
+        return feature
+
+    return visit(features)

@@ -1,6 +1,8 @@
 """Resolve a recipe `DataSource` into examples: files and `datasets` sources via `datasets.py`,
-`synthetic:<name>` via the built-in arithmetic task, materialised once as JSONL in the run folder
-(`<run>/data/<name>.jsonl`) so every stage, `metis curate` and a curious user read the same rows.
+`synthetic:<name>` via the built-in task `data.synthetic.task` names (arithmetic: data/synthetic.py;
+vision: data/synthetic_vl.py), materialised once in the run folder (`<run>/data/<name>-<digest>.jsonl`,
+plus `<name>-<digest>_images/` with the PNGs of a vision set) so every stage, `metis curate` and
+a curious user read the same rows.
 """
 
 from __future__ import annotations
@@ -16,36 +18,61 @@ __all__ = ["SYNTHETIC_PREFIX", "load_source", "load_sources", "materialize_synth
 
 def synthetic_rows(name: str, synthetic_cfg) -> list[dict]:
     """Rows of one synthetic set (recipe/schema.py `SYNTHETIC_SETS`), generated deterministically
-    from the recipe's `data.synthetic`; each set's generator is seeded with its own offset."""
+    from the recipe's `data.synthetic`; each set's generator is seeded with its own offset. Rows of
+    the vision task hold their images as PIL images (`synthetic_vl.write_set` saves them)."""
+    if name not in SYNTHETIC_SETS:
+        raise DataError(f"unknown synthetic set '{name}' (known: {', '.join(SYNTHETIC_SETS)})")
+    cfg = synthetic_cfg
+    if cfg.task == "vision":
+        from metis_cli.data import synthetic_vl
+
+        if name == "knowledge":
+            return synthetic_vl.knowledge_examples(cfg.knowledge_examples, cfg.seed)
+        if name == "cold_start":
+            return synthetic_vl.cold_start_trajectories(cfg.cold_start_examples, cfg.seed + 1, cfg.hard_share)
+        if name == "rl":
+            return synthetic_vl.rl_prompts(cfg.rl_prompts, cfg.seed + 2, cfg.hard_share)
+        return synthetic_vl.eval_prompts(cfg.eval_per_subset, cfg.seed + 3)
+
     from metis_cli.data import synthetic
 
-    cfg = synthetic_cfg
+    easy_noise = cfg.answer_noise if cfg.task == "mixed" else 0.0  # mixed: the easy SFT answers are imperfect too
     if name == "knowledge":
-        return synthetic.knowledge_examples(cfg.knowledge_examples, cfg.seed)
+        rows = synthetic.knowledge_examples(cfg.knowledge_examples, cfg.seed)
+        return synthetic.with_easy_answer_noise(rows, easy_noise, cfg.seed)
     if name == "cold_start":
-        return synthetic.cold_start_trajectories(
+        rows = synthetic.cold_start_trajectories(
             cfg.cold_start_examples, cfg.seed + 1, cfg.direct_answer_share, cfg.hard_share, cfg.answer_noise
         )
+        return synthetic.with_easy_answer_noise(rows, easy_noise, cfg.seed + 1)
     if name == "rl":
         return synthetic.rl_prompts(cfg.rl_prompts, cfg.seed + 2, cfg.hard_share)
-    if name == "eval":
-        return synthetic.eval_prompts(cfg.eval_per_subset, cfg.seed + 3)
-    raise DataError(f"unknown synthetic set '{name}' (known: {', '.join(SYNTHETIC_SETS)})")
+    return synthetic.eval_prompts(cfg.eval_per_subset, cfg.seed + 3)
 
 
 def materialize_synthetic(name: str, recipe) -> Path:
     """Write `synthetic:<name>` to `<run>/data/<name>-<params digest>.jsonl` (atomically, once per
-    set of `data.synthetic` parameters, so changing one never reuses a stale file) and return it."""
+    set of `data.synthetic` parameters, so changing one never reuses a stale file) and return it.
+    A vision set's PNGs go to `<name>-<digest>_images/` beside it, written before the JSONL."""
     import hashlib
     import json
 
-    from metis_cli.data.synthetic import write_jsonl
-
-    params = json.dumps(recipe.data.synthetic.model_dump(mode="json"), sort_keys=True)
+    cfg = recipe.data.synthetic
+    # The arithmetic digest leaves `task` out, so its file names are those written before the
+    # vision task existed (runs made then are reused, not regenerated).
+    params = json.dumps(cfg.model_dump(mode="json", exclude={"task"} if cfg.task == "arithmetic" else None),
+                        sort_keys=True)
     digest = hashlib.blake2b(f"{name}:{params}".encode(), digest_size=4).hexdigest()
     path = Path(recipe.run.output_dir) / "data" / f"{name}-{digest}.jsonl"
     if not path.exists():
-        write_jsonl(synthetic_rows(name, recipe.data.synthetic), path)  # atomic itself
+        if cfg.task == "vision":
+            from metis_cli.data.synthetic_vl import write_set
+
+            write_set(synthetic_rows(name, cfg), path)  # images first, then the JSONL atomically
+        else:
+            from metis_cli.data.synthetic import write_jsonl
+
+            write_jsonl(synthetic_rows(name, cfg), path)  # atomic itself
     return path
 
 

@@ -165,6 +165,30 @@ def noisy_answer(answer: str, noise: float, rng: random.Random) -> str:
     )
 
 
+def with_easy_answer_noise(rows: list[dict], noise: float, seed: int) -> list[dict]:
+    """`rows` with the final `<answer>` of every easy row passed through `noisy_answer`: the
+    "mixed" task (`data.synthetic.task: mixed`, recipes/tiny-mixed.yaml).
+
+    The model then half-knows the easy sums and copies the calculator's easy results imperfectly
+    too, so its *sampled* easy answers are right only part of the time with and without the tool:
+    most easy groups are mixed (0 < correct < G), where a coupled reward's tool penalty competes
+    with the accuracy spread, while HDPO compares tool use among the correct rollouts only.
+    Greedy answers stay right (each digit's most likely value is the right one while noise < 0.9).
+    The row's `answer` stays exact; with `noise` 0 the rows come back unchanged.
+    """
+    _check_share("noise", noise)
+    if noise <= 0:
+        return rows
+    rng = random.Random(f"easy-answer-noise-{seed}")  # its own stream: the questions do not depend on it
+    noisy = []
+    for row in rows:
+        if row["subset"] == "easy" and row["messages"][-1]["role"] == "assistant":
+            last = {**row["messages"][-1], "content": answer_text(noisy_answer(row["answer"], noise, rng))}
+            row = {**row, "messages": [*row["messages"][:-1], last]}
+        noisy.append(row)
+    return noisy
+
+
 def rl_prompts(n: int, seed: int, hard_share: float = 0.5) -> list[dict]:
     """`n` RL prompts (system + user), `hard_share` of them hard, hard ones never eval-held-out."""
     n_hard = _count(n, hard_share, "hard_share")

@@ -1,11 +1,14 @@
 """The synthetic vision task behind the tiny vision default: images drawn here, questions, answers.
 
 Each image is a `canvas_size` square (256 px) with one large coloured shape in the middle and
-one small digit in one corner. Two kinds of question, so "when to zoom" has a right answer:
-- `easy`: "What colour is the large shape?" The shape fills a third of the image, so its colour
+one small checkered mark (two colours, one-pixel cells) in one corner, with a little grain over
+all. Two kinds of question, so "when to zoom" has a right answer:
+- `easy`: "What colour is the large shape?" The shape fills nearly half the side, so its colour
   survives the processor's downscaling (the tiny model sees 64x64 pixels).
-- `hard`: "What digit is in the top left corner?" The digit is a few pixels tall after
-  downscaling (unreadable) and readable after `zoom_in` on that corner.
+- `hard`: "What colour is the top-left cell of the mark in the top left corner?" Shrunk 4x, the
+  mark is a 2x2 px blend of its two colours (which one is top-left is lost); `zoom_in` on that
+  corner shows the cells 1:1. (Digits in a tiny font were tried first: the random 2-layer vision
+  tower did not learn to read them in a CPU-sized cold start, while colours take ~100 steps.)
 
 It owns the drawing, the questions, the system prompt and the `zoom_in` tool spec the task is
 rendered with, and the four generators (knowledge, cold start, rl, eval) with `write_set`, which
@@ -67,16 +70,19 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
-_DIGIT_ROWS = {  # a 3x5 pixel font: the same strokes on every machine, no font files
-    "0": ("111", "101", "101", "101", "111"), "1": ("010", "110", "010", "010", "111"),
-    "2": ("111", "001", "111", "100", "111"), "3": ("111", "001", "111", "001", "111"),
-    "4": ("101", "101", "111", "001", "001"), "5": ("111", "100", "111", "001", "111"),
-    "6": ("111", "100", "111", "101", "111"), "7": ("111", "001", "010", "010", "010"),
-    "8": ("111", "101", "111", "101", "111"), "9": ("111", "101", "111", "001", "111"),
-}
-DIGIT_CELL_PX = 3
-"""Pixels per font cell: a digit is 9x15 px on the 256 px canvas, about 2x4 px once the tiny
-processor has shrunk the image to 64x64, and 9x15 px again in a zoomed corner."""
+SHAPE_SIZE = (0.42, 0.46)
+"""The large shape's side (or diameter) as a share of the canvas side, drawn uniformly: large
+enough that its colour dominates the 64x64 view (the random vision tower learns it in ~100 SFT
+steps; at 31-41% it took several hundred), small enough to leave the corners free."""
+MARK_PX = 8
+"""The checkered mark: MARK_PX x MARK_PX one-pixel cells of two colours, MARK_INSET px from the
+corner. Shrunk 4x to 64x64 its cells average into one blend of the two colours, which says
+nothing about which one is in the top-left cell; the zoomed corner shows it pixel for pixel."""
+MARK_INSET = 4
+GRAIN = 24
+"""Per-pixel noise (uniform +-GRAIN per channel) over the whole image, like sensor grain: what
+little of the mark's order survives the 4x shrink (filter leakage at its edges) drowns in it,
+while the 1:1 zoomed cells (colours 100+ levels apart) stay plain."""
 
 
 def easy_question() -> str:
@@ -84,11 +90,11 @@ def easy_question() -> str:
 
 
 def hard_question(corner: str) -> str:
-    return f"What digit is in the {corner} corner?"
+    return f"What colour is the top-left cell of the mark in the {corner} corner?"
 
 
 def corner_box(corner: str, canvas_size: int = CANVAS_SIZE) -> list[int]:
-    """The quarter-side square at `corner`, where the digit is drawn: the hard question's zoom."""
+    """The quarter-side square at `corner`, where the mark is drawn: the hard question's zoom."""
     side = canvas_size // 4
     x1 = 0 if corner.endswith("left") else canvas_size - side
     y1 = 0 if corner.startswith("top") else canvas_size - side
@@ -107,18 +113,19 @@ def zoom_call(bbox: list[int], image_index: int = 0) -> str:
 
 
 def draw_image(rng: random.Random, canvas_size: int = CANVAS_SIZE):
-    """(image, facts): one task image and what is on it ({colour, shape, corner, digit})."""
+    """(image, facts): one task image and what is on it ({colour, shape, corner, mark}; mark is
+    the colour of the mark's top-left cell, mark_other its other colour)."""
     from PIL import Image, ImageDraw
 
     colour = rng.choice(sorted(COLOURS))
     shape = rng.choice(SHAPES)
     corner = rng.choice(CORNERS)
-    digit = str(rng.randint(0, 9))
+    mark, mark_other = rng.sample(sorted(COLOURS), 2)
     image = Image.new("RGB", (canvas_size, canvas_size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    # The shape stays inside the middle (corners free for the digit): size 31-41% of the side,
+    # The shape stays inside the middle (corners free for the mark): SHAPE_SIZE of the side,
     # centre within 4% of the middle.
-    size = rng.uniform(0.31, 0.41) * canvas_size
+    size = rng.uniform(*SHAPE_SIZE) * canvas_size
     centre_x, centre_y = (canvas_size / 2 + rng.uniform(-0.04, 0.04) * canvas_size for _ in range(2))
     box = (centre_x - size / 2, centre_y - size / 2, centre_x + size / 2, centre_y + size / 2)
     fill = COLOURS[colour]
@@ -128,8 +135,9 @@ def draw_image(rng: random.Random, canvas_size: int = CANVAS_SIZE):
         draw.rectangle(box, fill=fill)
     else:
         draw.polygon([(centre_x, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-    _draw_digit(draw, digit, corner_box(corner, canvas_size), rng)
-    return image, {"colour": colour, "shape": shape, "corner": corner, "digit": digit}
+    _draw_mark(image, mark, mark_other, corner_box(corner, canvas_size))
+    image = _with_grain(image, rng)
+    return image, {"colour": colour, "shape": shape, "corner": corner, "mark": mark, "mark_other": mark_other}
 
 
 def knowledge_examples(n: int, seed: int, canvas_size: int = CANVAS_SIZE) -> list[dict]:
@@ -216,7 +224,7 @@ def write_set(rows: list[dict], path: str | Path) -> Path:
 def _question_answer(subset: Subset, facts: dict) -> tuple[str, str]:
     if subset == "easy":
         return easy_question(), facts["colour"]
-    return hard_question(facts["corner"]), facts["digit"]
+    return hard_question(facts["corner"]), facts["mark"]
 
 
 def _subsets(n: int, hard_share: float, rng: random.Random) -> list[Subset]:
@@ -228,18 +236,24 @@ def _subsets(n: int, hard_share: float, rng: random.Random) -> list[Subset]:
     return subsets
 
 
-def _draw_digit(draw, digit: str, region: list[int], rng: random.Random) -> None:
-    """`digit` in black at a random spot of `region`, at least one cell from its edges."""
-    cell = DIGIT_CELL_PX
-    width, height = 3 * cell, 5 * cell
+def _draw_mark(image, first: str, second: str, region: list[int]) -> None:
+    """The checkered mark in `region`'s outer corner, MARK_INSET px from both edges: cell (x, y)
+    is `first` where x + y is even (the top-left cell), else `second`."""
     x1, y1, x2, y2 = region
-    left = rng.randint(x1 + cell, x2 - cell - width)
-    top = rng.randint(y1 + cell, y2 - cell - height)
-    for row_index, row in enumerate(_DIGIT_ROWS[digit]):
-        for column_index, bit in enumerate(row):
-            if bit == "1":
-                x, y = left + column_index * cell, top + row_index * cell
-                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(0, 0, 0))
+    left = x1 + MARK_INSET if x1 == 0 else x2 - MARK_INSET - MARK_PX
+    top = y1 + MARK_INSET if y1 == 0 else y2 - MARK_INSET - MARK_PX
+    for dy in range(MARK_PX):
+        for dx in range(MARK_PX):
+            image.putpixel((left + dx, top + dy), COLOURS[first if (dx + dy) % 2 == 0 else second])
+
+
+def _with_grain(image, rng: random.Random):
+    """`image` plus uniform per-pixel noise of +-GRAIN per channel, seeded from `rng`."""
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(rng.getrandbits(64)).integers(-GRAIN, GRAIN + 1, size=(*image.size[::-1], 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8), mode="RGB")
 
 
 def _row(row_id: str, subset: Subset, question: str, answer: str, row_images: list, turns: list[dict]) -> dict:

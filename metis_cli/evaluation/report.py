@@ -13,6 +13,8 @@ Figures of a group of answers (one subset, or "all"):
   tool_calls_mean         tool calls per answer (T, malformed calls included)
   tool_errors             error observations, with a count per kind in tool_error_kinds
   generated_tokens_mean   sampled tokens per answer (tool output excluded)
+  prompt_images           (image data only) images the questions showed, summed over answers
+  tool_images             (image data only) images tools returned inside the answers (zoom_in crops, ...)
   wall_s_per_question     wall time of the model's pass over the subset / questions in it
 Tool economy, from the recipe's per-tool prices (`tools.costs`): every call addressed to a
 priced tool is charged, failed calls included (a paid API bills those too):
@@ -55,6 +57,8 @@ class Answer:
     generated_tokens: int = 0
     tool_s: float = 0.0  # tool runtime measured on this machine
     sample: int = 0
+    prompt_images: int = 0  # images the question showed (vision-language data)
+    tool_images: int = 0  # images tools returned inside the answer
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,9 @@ def figures(
         "cost_usd_per_1k_answers": _scaled(_mean([answer_cost_usd(a, prices) for a in answers]), 1000),
         "tool_latency_s_per_answer": _mean([answer_tool_latency_s(a, prices) for a in answers]),
     }
+    if any(a.prompt_images or a.tool_images for a in answers):  # image data: what the answers looked at
+        result["prompt_images"] = sum(a.prompt_images for a in answers)
+        result["tool_images"] = sum(a.tool_images for a in answers)
     if samples > 1:
         result[f"pass@{samples}"] = _pass_at(scored, samples)
     if no_tool_answers is not None:

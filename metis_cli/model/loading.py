@@ -24,6 +24,12 @@ def ensure_base_model(recipe) -> str:
     if tiny is not None and not (Path(path) / "config.json").exists():
         from metis_cli.model.tiny import build_tiny_model
 
+        if tiny.kind == "vision":
+            from metis_cli.model.tiny_vl import build_tiny_vl_model
+
+            build_tiny_vl_model(Path(path), seed=recipe.run.seed)
+            return path
+
         build_tiny_model(
             Path(path),
             hidden_size=tiny.hidden_size,

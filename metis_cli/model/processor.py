@@ -148,3 +148,25 @@ def _video_config(source: str) -> dict | None:
 
 def _has_processor_files(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", VIDEO_CONFIG_FILE)
+"""A vision-language model folder's processor settings beside the tokenizer files."""
+
+
+def copy_processor_files(model, folder: str | Path) -> None:
+    """Copy the processor settings of the folder `model` was loaded from into `folder`, so a
+    saved vision-language model loads with its processor (transformers, vLLM, every metis stage).
+    Nothing happens for a text-only model or one not loaded from a folder."""
+    import shutil
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    config = getattr(base, "config", None)
+    if getattr(config, "vision_config", None) is None:
+        return
+    source = Path(getattr(base, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+    if not source.is_dir() or source.resolve() == Path(folder).resolve():
+        return
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, Path(folder) / name)

@@ -60,6 +60,9 @@ class RunConfig(Section):
 
 # --------------------------------------------------------------------------------------- model
 class TinyModelConfig(Section):
+    kind: Literal["text", "vision"] = Field(
+        "text", description="text: a tiny Qwen3 (the sizes below); vision: a tiny Qwen3-VL with its processor "
+        "(model/tiny_vl.py, fixed sizes; the fields below are ignored).")
     hidden_size: int = Field(128, gt=0, description="Hidden width of the tiny Qwen3 model.")
     num_layers: int = Field(4, gt=0, description="Transformer layers.")
     num_heads: int = Field(4, gt=0, description="Attention heads.")
@@ -125,16 +128,24 @@ class DataSource(Section):
 
 
 class SyntheticConfig(Section):
+    task: Literal["arithmetic", "mixed", "vision"] = Field(
+        "arithmetic", description="arithmetic: the calculator task of recipes/tiny.yaml; mixed: the same questions "
+        "with every SFT answer imperfect, easy ones and direct ones too (answer_noise), so sampled groups are mixed "
+        "with and without the tool (recipes/tiny-mixed.yaml); vision: the zoom_in task of recipes/tiny-vl.yaml "
+        "(images drawn here and written beside each set's JSONL).",
+    )
     seed: int = Field(0, description="Seed of the synthetic generators.")
     knowledge_examples: int = Field(4000, ge=0, description="Direct answers to easy questions (what a base model knows).")
     cold_start_examples: int = Field(20000, ge=0, description="Cold-start tool-use trajectories.")
     direct_answer_share: float = Field(
-        0.1, ge=0, le=1, description="Share of easy cold-start questions answered without the tool."
+        0.1, ge=0, le=1, description="Share of easy cold-start questions answered without the tool (arithmetic task; "
+        "the vision cold start zooms for every question)."
     )
     hard_share: float = Field(0.5, ge=0, le=1, description="Share of hard questions in cold-start and RL data.")
     answer_noise: float = Field(
         0.0, ge=0, le=1, description="Chance that each digit of a hard cold-start answer is redrawn at random "
-        "(imperfect demonstrations: right on average, often wrong when sampled; RL's accuracy channel fixes it)."
+        "(imperfect demonstrations: right on average, often wrong when sampled; RL's accuracy channel fixes it; "
+        "arithmetic task only; task mixed: every digit of every easy and hard SFT answer)."
     )
     rl_prompts: int = Field(2000, ge=0, description="RL prompts.")
     eval_per_subset: int = Field(100, gt=0, description="Held-out eval prompts per subset (easy, hard).")
@@ -220,6 +231,9 @@ class SftConfig(Section):
     )
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
     max_seq_len: int = Field(4096, gt=0, description="Longer conversations are dropped (and counted).")
+    packing: bool = Field(True, description="Pack each micro-batch's text rows into one padding-free sequence (shared "
+                          "prefix once, attention kept within each row); same losses, fewer tokens computed. "
+                          "false: one padded row per sequence (docs/formats.md).")
     eval_share: float = Field(0.02, ge=0, lt=1, description="Held-out share for eval loss.")
     eval_every: int = Field(200, gt=0, description="Steps between held-out eval-loss passes.")
     save_every: int = Field(500, gt=0, description="Steps between checkpoints.")

@@ -10,6 +10,13 @@ the HF backend's token stream it decodes each sampled token into text for the li
 result after. The conversation is the engine's rollout messages; a question whose answer was
 interrupted leaves the conversation as it was. The REPL and its rendering live in
 stages/chat_repl.py.
+
+Images (a vision-language policy, `Agent.vision`): a question may bring images
+(`ask(..., images=)`); its user message holds one `{"type": "image"}` part per image before the
+text, and the session keeps every image of the conversation in order of appearance -- the
+questions' and those tools returned (zoom_in) -- in `images`, passed whole to each engine run so
+the re-rendered history and its image parts line up. Transcripts (`--once --json`, `/save`) carry
+image placeholders and sizes, never pixels; `/save` writes the images as PNG files beside the row.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from metis_cli.agent.rollout_types import RolloutListener
-from metis_cli.errors import DataError
+from metis_cli.errors import DataError, ModelError
 
 
 class ChatListener(Protocol):
@@ -59,6 +66,7 @@ class ToolCallRecord:
     result: str
     tool_error: str | None  # a ToolErrorKind string, None on success
     runtime_s: float
+    images: list[list[int]] = field(default_factory=list)  # [width, height] of each image it returned
 
 
 @dataclass
@@ -80,6 +88,7 @@ class ChatAnswer:
     generation_s: float
     tool_s: float
     messages: list[dict] = field(default_factory=list)  # the whole conversation after this answer
+    images: list[list[int]] = field(default_factory=list)  # [width, height] of its images, in order
 
     @property
     def interrupted(self) -> bool:
@@ -91,8 +100,13 @@ class ChatAnswer:
             "T": self.T, "turns": self.turns, "generated_tokens": self.generated_tokens,
             "tool_calls": [asdict(record) for record in self.tool_calls],
             "timings": {"total_s": self.total_s, "generation_s": self.generation_s, "tool_s": self.tool_s},
-            "messages": self.messages,
+            "messages": self.messages, "images": self.images,
         }
+
+
+def image_sizes(images) -> list[list[int]]:
+    """[[width, height], ...] of PIL images: what transcripts record instead of pixels."""
+    return [[image.width, image.height] for image in images]
 
 
 # ------------------------------------------------------------------------------ stream
@@ -141,7 +155,7 @@ class _ChatStream(RolloutListener):
 
     def on_tool_result(self, rollout, call, result) -> None:
         record = ToolCallRecord(call.name, call.arguments, call.raw, call.error, result.text, result.error,
-                                result.runtime_s)
+                                result.runtime_s, image_sizes(result.images))
         self.records.append(record)
         self.listener.on_tool_result(record)
 
@@ -152,12 +166,14 @@ class ChatSession:
 
     def __init__(self, agent, stream: _ChatStream, recipe, *, model_path: str, system_prompt: str | None):
         self.agent, self.engine, self.tools, self.stream = agent, agent.engine, agent.registry, stream
+        self.vision = agent.vision  # None for a text-only model
         self.model_path = model_path
         self.temperature = recipe.chat.temperature
         self.seed = recipe.run.seed
         self.questions = 0
         self.system_prompt = system_prompt
         self.messages: list[dict] = []
+        self.images: list = []  # every image of the conversation, in order of appearance
         self.reset()
 
     @property
@@ -166,6 +182,21 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.images = []
+
+    def require_vision(self, option: str) -> None:
+        """A ModelError naming the model and `option` when the model cannot see images."""
+        if self.vision is None:
+            raise ModelError(f"{option}: {self.model_path} is a text-only model (no vision tower), so it cannot "
+                             "see images; chat with a vision-language model (e.g. Qwen3-VL) or leave out the image")
+
+    def load_image(self, path: str, *, option: str):
+        """The image at `path` for a question, as the model will get it (data/images.py
+        `load_image`); a ModelError for a text-only model, a DataError if it cannot be read."""
+        from metis_cli.data.images import load_image
+
+        self.require_vision(option)
+        return load_image(path, where=f"{option} {path}")
 
     def set_system_prompt(self, text: str | None) -> None:
         """Replace the system prompt; the rest of the conversation stays."""
@@ -176,38 +207,56 @@ class ChatSession:
     def tool_specs(self) -> list[dict]:
         return self.tools.specs()
 
-    def ask(self, question: str, listener: ChatListener | None = None) -> ChatAnswer:
+    def ask(self, question: str, listener: ChatListener | None = None, images: list | None = None) -> ChatAnswer:
+        """Answer `question` (with `images`, PIL images shown before its text) in the conversation."""
         from metis_cli.model.runtime import CHAT_QUESTION_SEED, derive_seed
         from metis_cli.rewards.answer import final_answer
 
+        images = list(images or [])
+        if images:
+            self.require_vision("images")
         self.stream.start(listener or SilentListener())
         started = time.perf_counter()
-        prompt = self.messages + [{"role": "user", "content": question}]
+        content = [*({"type": "image"} for _ in images), {"type": "text", "text": question}] if images else question
+        prompt = self.messages + [{"role": "user", "content": content}]
         self.questions += 1  # a new draw per question when sampling, reproducible per session
         rollout = self.engine.run([prompt], 1, greedy=self.temperature <= 0, listener=self.stream,
-                                  seed=derive_seed(CHAT_QUESTION_SEED, self.seed, self.questions))[0]
+                                  seed=derive_seed(CHAT_QUESTION_SEED, self.seed, self.questions),
+                                  images=[self.images + images] if self.vision is not None else None)[0]
         finish = rollout.finish_reason or "eos"
         if self.interrupt.is_set():
             finish = "interrupted"
         elif rollout.num_turns == 0:
             finish = "context_full"
         else:
-            self.messages = rollout.messages
+            self.messages, self.images = rollout.messages, list(rollout.images)
         return ChatAnswer(
             question=question, answer=final_answer(rollout.assistant_texts), finish_reason=finish,
             tool_calls=list(self.stream.records), T=rollout.tool_calls, turns=rollout.num_turns,
             generated_tokens=rollout.generated_tokens, total_s=time.perf_counter() - started,
             generation_s=rollout.generation_s, tool_s=rollout.tool_s, messages=rollout.messages,
+            images=image_sizes(rollout.images),
         )
 
     def save(self, path: Path) -> Path:
-        """Write the conversation as one messages-layout JSONL row (`metis sft` can train on it)."""
+        """Write the conversation as one messages-layout JSONL row (`metis sft` can train on it).
+
+        Its images go beside it as `<name>_images/image_<n>.png`; the row names them in `images`
+        (relative to its folder, as data rows do) and gives their sizes in `image_sizes`.
+        """
         if not any(m["role"] == "assistant" for m in self.messages):
             raise DataError("nothing to save yet: ask a question first")
         path = Path(path).expanduser()
         row = {"id": f"chat-{time.strftime('%Y%m%d-%H%M%S')}", "model": self.model_path, "messages": self.messages}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if self.images:
+                folder = path.parent / f"{path.stem}_images"
+                folder.mkdir(exist_ok=True)
+                names = [f"{folder.name}/image_{number}.png" for number in range(1, len(self.images) + 1)]
+                for name, image in zip(names, self.images):
+                    image.save(path.parent / name, format="PNG")
+                row.update(images=names, image_sizes=image_sizes(self.images))
             path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as error:
             raise DataError(f"cannot write {path}: {error.strerror}") from None

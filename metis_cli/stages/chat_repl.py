@@ -4,7 +4,9 @@ Renders a `ChatSession` (stages/chat.py) with rich: the model's text as it strea
 tool call with its result (red for errors and malformed calls, which never end the session), the
 final answer and a footer with tool calls, seconds and tokens. Ctrl-C during an answer stops the
 generation at the next token (a second Ctrl-C abandons it at once); at the prompt it only reminds
-how to leave. Commands: /tools /reset /system /save /help /quit.
+how to leave. Commands: /image /tools /reset /system /save /help /quit. Images attached with
+`--image` or `/image PATH` go with the next question (`[image WxH attached]`); a tool's returned
+images show in its panel as `[image WxH]`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from metis_cli.errors import MetisError
 from metis_cli.stages.chat import ChatAnswer, ChatSession, ToolCallRecord
 
 HELP = {
+    "/image PATH": "attach an image to the next question (vision-language models)",
     "/tools": "list the tools the model may call",
-    "/reset": "forget the conversation (the system prompt stays)",
+    "/reset": "forget the conversation and its images (system prompt stays)",
     "/system TEXT": "replace the system prompt (no TEXT: show it)",
     "/save FILE": "write the conversation as a messages JSONL row",
     "/help": "this list",
@@ -62,6 +65,8 @@ class RichListener:
             title = f"{record.name} ({record.runtime_s:.2f} s)" + (f" - {record.tool_error}" if record.tool_error else "")
             arguments = json.dumps(record.arguments, ensure_ascii=False)
             body = Text(f"{record.name}({arguments})\n", style="bold") + Text(f"-> {record.result}")
+            if record.images:
+                body += Text("\n" + " ".join(f"[image {w}x{h}]" for w, h in record.images), style="magenta")
         self.console.print(Panel(body, title=title, title_align="left", border_style="red" if failed else "green",
                                  expand=False))
         self.console.print("[bold cyan]model>[/] ", end="")
@@ -98,12 +103,16 @@ def _escape(text: str) -> str:
 
 
 class Repl:
-    def __init__(self, session: ChatSession, console):
+    """The interactive loop; `images` (e.g. from `--image`) go with the first question."""
+
+    def __init__(self, session: ChatSession, console, images: list | None = None):
         self.session, self.console = session, console
+        self.pending_images: list = list(images or [])
 
     def loop(self) -> None:
         self.console.print(f"[bold]metis chat[/] with {_escape(self.session.model_path)} - "
                            f"tools: {', '.join(self.session.tools.names()) or 'none'} - /help for commands")
+        self.show_attached(self.pending_images)
         while True:
             try:
                 line = self.console.input("[bold]you>[/] ")
@@ -124,10 +133,12 @@ class Repl:
             print_answer(self.console, answer)
 
     def ask(self, question: str) -> ChatAnswer:
-        """Answer with Ctrl-C bound to `session.interrupt` (main thread only: signals live there)."""
+        """Answer with Ctrl-C bound to `session.interrupt` (main thread only: signals live there).
+        The attached images go with this question, whatever becomes of it."""
         listener = RichListener(self.console)
+        images, self.pending_images = self.pending_images, []
         if threading.current_thread() is not threading.main_thread():
-            return self.session.ask(question, listener)
+            return self.session.ask(question, listener, images=images)
 
         def on_interrupt(signum, frame):
             if self.session.interrupt.is_set():
@@ -136,7 +147,7 @@ class Repl:
 
         previous = signal.signal(signal.SIGINT, on_interrupt)
         try:
-            return self.session.ask(question, listener)
+            return self.session.ask(question, listener, images=images)
         except KeyboardInterrupt:
             return ChatAnswer(question=question, answer=None, finish_reason="interrupted", tool_calls=[], T=0, turns=0,
                               generated_tokens=0, total_s=0.0, generation_s=0.0, tool_s=0.0,
@@ -153,6 +164,8 @@ class Repl:
         if name == "/help":
             for usage, text in HELP.items():
                 self.console.print(f"  [bold]{usage:<14}[/] {text}")
+        elif name == "/image":
+            self.attach(argument)
         elif name == "/tools":
             self.show_tools()
         elif name == "/reset":
@@ -178,6 +191,23 @@ class Repl:
             self.console.print(f"[red]unknown command {_escape(name)}[/]; /help lists them")
         return True
 
+    def attach(self, path: str) -> None:
+        """`/image PATH`: load the image for the next question; problems are shown, not raised."""
+        if not path:
+            self.console.print("[red]/image needs a file name, e.g. /image photo.png[/]")
+            return
+        try:
+            image = self.session.load_image(path, option="/image")
+        except MetisError as error:
+            self.console.print(f"[red]{_escape(str(error))}[/]")
+            return
+        self.pending_images.append(image)
+        self.show_attached([image])
+
+    def show_attached(self, images: list) -> None:
+        for image in images:
+            self.console.print(f"[dim]{_escape(f'[image {image.width}x{image.height} attached]')}[/]", highlight=False)
+
     def show_tools(self) -> None:
         from rich.table import Table
 
@@ -196,11 +226,12 @@ class Repl:
 
 
 def answer_once(session: ChatSession, question: str, *, json_output: bool, console, stdin: TextIO | None = None,
-                stdout: TextIO | None = None) -> int:
+                stdout: TextIO | None = None, images: list | None = None) -> int:
     """`--once QUESTION` (or `--once -`: one question per stdin line, each in a fresh conversation).
 
-    With json_output, one JSON object per question: indented for a single question, one per line
-    for `-`. Returns how many questions were answered.
+    `images` go with every question (each is the first of its conversation). With json_output,
+    one JSON object per question: indented for a single question, one per line for `-`. Returns
+    how many questions were answered.
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     questions = [line.strip() for line in stdin] if question == "-" else [question]
@@ -210,12 +241,14 @@ def answer_once(session: ChatSession, question: str, *, json_output: bool, conso
             continue
         session.reset()
         if json_output:
-            answer = session.ask(text)
+            answer = session.ask(text, images=images)
             payload = {"model": session.model_path, **answer.to_json()}
             stdout.write(json.dumps(payload, ensure_ascii=False, indent=None if question == "-" else 2) + "\n")
             stdout.flush()
         else:
             console.print(f"[bold]you>[/] {_escape(text)}")
-            print_answer(console, Repl(session, console).ask(text))
+            repl = Repl(session, console, images)
+            repl.show_attached(repl.pending_images)
+            print_answer(console, repl.ask(text))
         answered += 1
     return answered

@@ -128,6 +128,12 @@ class EvalStage:
         self.metrics_path: Path | None = None
         if self.run_dir is not None:
             folder = Path(self.run_dir)
+            from metis_cli.telemetry.sweep_folder import is_sweep_dir
+
+            if is_sweep_dir(folder):
+                raise RunFolderError(f"--run {folder} is a sweep folder, which holds many runs: `metis eval {folder}` "
+                                     "shows their comparison; for one run's curves pass its folder "
+                                     f"({folder}/runs/VARIANT/seed-N)")
             candidates = [folder / "metrics.jsonl", folder / "hdpo" / "metrics.jsonl"]
             self.metrics_path = next((c for c in candidates if c.is_file()), None)
             if self.metrics_path is None:
@@ -193,8 +199,9 @@ class EvalStage:
         def progress(finished: int, total: int) -> None:
             bar.update(done_before + finished, model=spec.label, subset=f"{subset} ({mode})")
 
+        images = [e.load_images() for e in examples] if engine.vision is not None else None
         rollouts = engine.run([e.messages for e in examples], self.samples, greedy=self.samples == 1,
-                              use_tools=use_tools, seed=self.recipe.run.seed, on_progress=progress)
+                              use_tools=use_tools, seed=self.recipe.run.seed, on_progress=progress, images=images)
         self._done = done_before + len(rollouts)
         bar.update(self._done)
         scores = score_rollouts(rollouts, examples, self.checker, self.recipe.reward,
@@ -208,6 +215,7 @@ class EvalStage:
                 tool_calls=rollout.tool_calls, tool_errors=dict(rollout.tool_errors),
                 calls_by_tool=calls_by_tool(generated), generated_tokens=rollout.generated_tokens,
                 tool_s=rollout.tool_s, sample=rollout.sample_index,
+                prompt_images=len(example.images), tool_images=len(rollout.images) - len(example.images) if rollout.images else 0,
             )
             answers.append(answer)
             self._answer_log.append({
@@ -216,6 +224,8 @@ class EvalStage:
                 "final_answer": score.answer, "correct": score.correct, "tool_calls": rollout.tool_calls,
                 "tool_errors": dict(rollout.tool_errors), "finish_reason": rollout.finish_reason,
                 "generated_tokens": rollout.generated_tokens, "messages": generated,
+                **({"tool_images": [list(image.size) for image in rollout.images[len(example.images):]]}
+                   if rollout.images else {}),
             })
         return answers
 

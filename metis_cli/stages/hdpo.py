@@ -35,19 +35,23 @@ weight sync) -> `StepMetrics` (one metrics.jsonl record; names in `telemetry.met
 Shape: `HdpoStage` with `setup()` (`_setup_model`, `_setup_engine`, `_setup_data`,
 `_setup_optimizer`, `_resume`), `train()` (`rollout_step`, `advantages`, `update`, `evaluate`),
 `save()`, `cleanup()`; `run()` wires them.
+
+Several processes (`--nproc-per-node N`, torchrun; `stages.hdpo_dist`): each rolls out whole
+groups of its share of the prompts, every rank computes the step's advantages from the gathered
+rewards, FSDP2 trains (the update one process would make); rank 0 writes metrics (one row per
+step), samples and final/ (one HF folder); checkpoints are sharded.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from metis_cli.errors import DataError
 from metis_cli.files import storage_errors, write_atomic
-from metis_cli.model.runtime import HDPO_EPOCH_ORDER_SEED, HDPO_STEP_SEED, derive_seed
+from metis_cli.model.runtime import HDPO_STEP_SEED, derive_seed
 
 
 @dataclass
@@ -73,23 +77,33 @@ class HdpoStage:
     def setup(self) -> None:
         from metis_cli.rewards.preflight import preflight
         from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
-        from metis_cli.model.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
+        from metis_cli.model.runtime import available_cores, pick_device, quiet_libraries, seed_everything, setup_threads
+        from metis_cli.stages.hdpo_dist import check
+        from metis_cli.train.distributed import init_distributed, run_on_main, training_timeouts
 
-        preflight(self.recipe, "hdpo")  # a dead judge or search API fails here, before any model loads
-        prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="hdpo",
-                          inputs=stage_inputs(self.recipe, "hdpo"))
-        write_resolved_recipe(self.recipe)
+        self.dist = init_distributed(self.recipe.run.device)
+        self.quiet = self.quiet or not self.dist.is_main
+
+        def prepare() -> None:
+            check(self.recipe, self.dist)
+            preflight(self.recipe, "hdpo")  # a dead judge or search API fails here, before any model loads
+            prepare_stage_dir(self.stage_dir, resume=self.resume, overwrite=self.overwrite, command="hdpo",
+                              inputs=stage_inputs(self.recipe, "hdpo"))
+            write_resolved_recipe(self.recipe)
+
+        run_on_main(self.dist, prepare)
         quiet_libraries()
-        setup_threads(self.recipe.run.threads)
-        self.device = pick_device(self.recipe.run.device)
+        setup_threads(self.dist.threads(self.recipe.run.threads, available_cores()))
+        self.device = self.dist.device if self.dist.enabled else pick_device(self.recipe.run.device)
         seed_everything(self.recipe.run.seed)
-        self.metrics = MetricsLog(self.stage_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.stage_dir / "metrics.jsonl") if self.dist.is_main else None
         self._setup_data()
         self._setup_model(self.cfg.init_from, field_name="hdpo.init_from")
         self._setup_engine()
         self._setup_optimizer()
         if self.resume:
             self._resume()
+        training_timeouts(self.dist, self.recipe.run.distributed.timeout_s)
 
     def _setup_data(self) -> None:
         from metis_cli.data.sources import load_sources
@@ -104,15 +118,24 @@ class HdpoStage:
 
     def _setup_model(self, path: str, field_name: str) -> None:
         from metis_cli.model.loading import load_policy
+        from metis_cli.model.runtime import pick_dtype
+        from metis_cli.stages.hdpo_dist import rollout_copy
+        from metis_cli.train.distributed import compute_dtype, shard_model
 
-        self.model, self.tokenizer = load_policy(path, self.recipe, device=self.device, field=field_name)
+        several = self.dist.enabled
+        self.model, self.tokenizer = load_policy(path, self.recipe, device="cpu" if several else self.device,
+                                                 field=field_name)
+        self.rollout_model = self.model  # one process samples from the very model it trains
+        dtype = compute_dtype(self.recipe, self.device) if several else pick_dtype(self.recipe.model.dtype, self.device)
+        if several:
+            self.rollout_model = rollout_copy(self.model, self.device, dtype)
+            self.model = shard_model(self.model, self.recipe, self.dist)
         self.model.train()
         self.reference = None
         if self.cfg.kl_coef > 0:
             from metis_cli.model.loading import load_model
-            from metis_cli.model.runtime import pick_dtype
 
-            self.reference = load_model(self.cfg.init_from, dtype=pick_dtype(self.recipe.model.dtype, self.device),
+            self.reference = load_model(self.cfg.init_from, dtype=dtype,
                                         device=self.device, field="hdpo.init_from").eval()
             for p in self.reference.parameters():
                 p.requires_grad_(False)
@@ -122,8 +145,9 @@ class HdpoStage:
         from metis_cli.rewards.batch import build_checker
 
         agent = build_agent(self.recipe, self.cfg.init_from, registry=build_registry(self.recipe),
-                            field="hdpo.init_from", model=self.model, tokenizer=self.tokenizer)
+                            field="hdpo.init_from", model=self.rollout_model, tokenizer=self.tokenizer)
         self.registry, self.backend, self.engine = agent.registry, agent.backend, agent.engine
+        self.vision = agent.vision  # images of a vision-language policy (model/vision.py), else None
         self.checker = build_checker(self.recipe.reward)
         self._setup_guard()
 
@@ -143,47 +167,45 @@ class HdpoStage:
         self.optimizer = self.weights.optimizer
 
     def _resume(self) -> None:
-        from metis_cli.train.checkpoint import latest_checkpoint, load_trainer_state
+        from metis_cli.train.checkpoint import is_sharded, latest_checkpoint, load_trainer_state
         from metis_cli.model.runtime import set_rng_state
+        from metis_cli.stages.hdpo_dist import load_sharded
 
         checkpoint = latest_checkpoint(self.stage_dir)
         if checkpoint is None:
-            self.metrics.truncate_after(-1)  # nothing was saved: every record, step 0's eval too, is redone
+            if self.metrics is not None:
+                self.metrics.truncate_after(-1)  # nothing was saved: every record, step 0's eval too, is redone
             return
-        self._setup_model(str(checkpoint), field_name="checkpoint")
-        self.backend.update_weights(self.model)
-        self.engine.backend = self.backend
-        self._setup_optimizer()
-        state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.weights.load_state_dict(state.get("master_weights"))
+        if self.dist.enabled or is_sharded(checkpoint):
+            state = load_sharded(checkpoint, self.model, self.optimizer, self.rollout_model, self.dist)
+            self.backend.update_weights(self.rollout_model)
+        else:
+            self._setup_model(str(checkpoint), field_name="checkpoint")
+            self.backend.update_weights(self.model)
+            self.engine.backend = self.backend
+            self._setup_optimizer()
+            state = load_trainer_state(checkpoint)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.weights.load_state_dict(state.get("master_weights"))
         set_rng_state(state["rng"])
         self.step = state["step"]
         self.eval_history = state.get("eval_history", [])
-        self.metrics.truncate_after(self.step)
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.step)
         if not self.quiet:
             print(f"hdpo: resumed from {checkpoint} at step {self.step}/{self.cfg.steps}")
 
-    # ------------------------------------------------------------------------------ data
-    def _step_prompts(self, step: int) -> list[int]:
-        """Prompt indices of a step: epochs of seeded permutations, so a resumed run continues
-        exactly where the killed one was."""
-        n, per_step = len(self.prompts), self.cfg.prompts_per_step
-        indices = []
-        for position in range(step * per_step, (step + 1) * per_step):
-            epoch, offset = divmod(position, n)
-            order = list(range(n))
-            random.Random(derive_seed(HDPO_EPOCH_ORDER_SEED, self.recipe.run.seed, epoch)).shuffle(order)
-            indices.append(order[offset])
-        return indices
-
     # ------------------------------------------------------------------------------ step
     def rollout_step(self, examples):
-        """Sample G rollouts per example and score them. Returns (rollouts, scores)."""
+        """Sample G rollouts per example of this process's share of `examples` (all of them on one
+        process) and score them. Returns (rollouts, scores); prompt_index: position in `examples`."""
         from metis_cli.rewards.batch import score_rollouts
+        from metis_cli.stages.hdpo_dist import place, rollout_seed, share
 
-        rollouts = self.engine.run([e.messages for e in examples], self.cfg.group_size,
-                                   seed=derive_seed(HDPO_STEP_SEED, self.recipe.run.seed, self.step))
+        mine = share(examples, self.dist)
+        seed = rollout_seed(derive_seed(HDPO_STEP_SEED, self.recipe.run.seed, self.step), self.dist)
+        rollouts = place(self.engine.run([e.messages for e in mine], self.cfg.group_size, seed=seed,
+                                         images=self._images(mine)), self.dist)
         scores = score_rollouts(rollouts, examples, self.checker, self.recipe.reward, retries=self.cfg.unscored_retries)
         return rollouts, scores
 
@@ -197,32 +219,43 @@ class HdpoStage:
         keep = keep_mask(batch, advantages, drop_no_signal_groups=self.cfg.drop_no_signal_groups)
         return batch.with_keep(keep), advantages
 
-    def update(self, rollouts, batch, advantages):
+    def update(self, rollouts, batch, advantages, everyone=None):
         """PPO-clip update(s) on the kept rollouts, then the weight sync; UpdateFigures, or None
-        when no rollout is kept (nothing trained, nothing synced)."""
-        from metis_cli.stages.hdpo_update import policy_update
+        when no rollout is kept (nothing trained, nothing synced). `rollouts`: this process's;
+        `everyone`: the step's in `batch` order (`stages.hdpo_dist.gather`; one process: the same)."""
+        from metis_cli.stages.hdpo_dist import update_share
+        from metis_cli.train.distributed import copy_full_weights
 
-        index = batch.keep.nonzero().squeeze(-1)
-        if index.numel() == 0:
+        if not bool(batch.keep.any()):
             return None
-        figures = policy_update(
-            self.model, self.weights, [rollouts[i] for i in index.tolist()], advantages.select(index), self.cfg,
+        figures = update_share(
+            self.model, self.weights, rollouts, everyone or rollouts, batch, advantages, self.cfg, self.dist,
             pad_token_id=self.tokenizer.pad_token_id, temperature=self.recipe.rollout.temperature,
-            device=self.device, reference=self.reference,
+            device=self.device, reference=self.reference, vision=self.vision,
         )
-        self.backend.update_weights(self.model)
+        if self.dist.enabled:
+            copy_full_weights(self.model, self.rollout_model)
+        self.backend.update_weights(self.rollout_model)
         return figures
+
+    def _images(self, examples) -> list[list] | None:
+        """Each example's images, read now (a vision-language policy; None for a text-only one)."""
+        return [e.load_images() for e in examples] if self.vision is not None else None
 
     def evaluate(self) -> dict:
         """Greedy pass over the held-out prompts; `eval/<subset>/<figure>` entries."""
         from metis_cli.rewards.batch import score_rollouts, subset_summary
+        from metis_cli.stages.hdpo_dist import gather, place, share
         from metis_cli.stages.hdpo_step import eval_figures
 
         if not self.eval_examples:
             return {}
-        rollouts = self.engine.run([e.messages for e in self.eval_examples], 1, greedy=True)
+        mine = share(self.eval_examples, self.dist)  # on several processes each greedily answers its share
+        rollouts = place(self.engine.run([e.messages for e in mine], 1, greedy=True,
+                                         images=self._images(mine)), self.dist) if mine else []
         scores = score_rollouts(rollouts, self.eval_examples, self.checker, self.recipe.reward,
                                 retries=self.cfg.unscored_retries)
+        rollouts, scores = gather(self.dist, rollouts, scores)
         summary = subset_summary(rollouts, scores, self.eval_examples)
         self.eval_history.append((self.step, summary))
         return eval_figures(summary)
@@ -231,52 +264,58 @@ class HdpoStage:
         from metis_cli.model.runtime import rng_state
         from metis_cli.rewards.batch import rollout_figures
         from metis_cli.rewards.tool_economy import per_tool_figures
+        from metis_cli.stages.hdpo_dist import first_fault, gather
         from metis_cli.stages.hdpo_guard import JudgeFigures
-        from metis_cli.stages.hdpo_step import StepMetrics
+        from metis_cli.stages.hdpo_step import StepMetrics, eval_line, sample_rows, step_prompts
         from metis_cli.telemetry import control
         from metis_cli.telemetry import metrics as m
         from metis_cli.telemetry.progress import StageProgress
+        from metis_cli.train.distributed import broadcast_object
 
         started = time.time()
         with StageProgress(f"hdpo[{self.cfg.estimator}]", self.cfg.steps, quiet=self.quiet, completed=self.step) as bar:
             if self.step == 0:
                 record = {m.STAGE: "hdpo", m.STEP: 0, m.TOTAL_STEPS: self.cfg.steps, m.TIME: time.time(),
                           **self.evaluate()}
-                self.metrics.append(record)
-                bar.log(_eval_line(0, record))
+                self._log(record)
+                bar.log(eval_line(0, record))
             while self.step < self.cfg.steps:
                 step_start = time.time()
                 rng_at_start = rng_state()
                 self.guard.begin_step()
-                examples = [self.prompts[i] for i in self._step_prompts(self.step)]
-                rollouts, scores = self.rollout_step(examples)
+                examples = [self.prompts[i] for i in step_prompts(len(self.prompts), self.cfg.prompts_per_step,
+                                                                  self.recipe.run.seed, self.step)]
+                rollouts, scores = self.rollout_step(examples)  # this process's share
+                samples = sample_rows(self.cfg, self.step + 1, len(examples) * self.cfg.group_size)
+                group = self.cfg.group_size
+                everyone, all_scores = gather(self.dist, rollouts, scores, {divmod(i, group) for i in samples})
                 rollout_s = time.time() - step_start
-                fault = self.guard.observe(JudgeFigures.of(scores))
+                fault = first_fault(self.dist, self.guard.observe(JudgeFigures.of(all_scores)))
                 if fault is not None:
                     self._stop_for_fault(fault, rng_at_start)
-                batch, advantages = self.advantages(rollouts, scores)
+                batch, advantages = self.advantages(everyone, all_scores)
                 update_start = time.time()
-                update = self.update(rollouts, batch, advantages)
+                update = self.update(rollouts, batch, advantages, everyone)
                 update_s = time.time() - update_start
                 self.step += 1
                 step_metrics = StepMetrics.measure(
-                    batch, advantages, rollout_figures(rollouts, scores), step=self.step,
+                    batch, advantages, rollout_figures(everyone, all_scores), step=self.step,
                     total_steps=self.cfg.steps, estimator=self.cfg.estimator, update=update, rollout_s=rollout_s,
                     update_s=update_s, step_s=time.time() - step_start, elapsed_s=time.time() - started,
-                    lr=self.optimizer.param_groups[0]["lr"],
-                    per_tool=per_tool_figures(rollouts, self.registry.names()),
+                    lr=self.optimizer.param_groups[0]["lr"], world_size=self.dist.world_size,
+                    per_tool=per_tool_figures(everyone, self.registry.names()),
                 )
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     step_metrics.eval = self.evaluate()
-                    bar.log(_eval_line(self.step, step_metrics.eval))
-                if self.cfg.samples_to_save and (self.step % self.cfg.sample_every == 0 or self.step == 1):
-                    self._save_samples(rollouts, scores, examples, advantages)
-                requests = control.pending(self.stage_dir)
+                    bar.log(eval_line(self.step, step_metrics.eval))
+                if samples and self.dist.is_main:
+                    self._save_samples(everyone, all_scores, examples, advantages, samples)
+                requests = broadcast_object(self.dist, control.pending(self.stage_dir) if self.dist.is_main else None)
                 if self.step % self.cfg.save_every == 0 or requests:
                     step_metrics.checkpoint = str(self.save_checkpoint())
-                    for what in requests:
+                    for what in requests if self.dist.is_main else ():
                         control.clear(self.stage_dir, what)
-                self.metrics.append(step_metrics.to_record())
+                self._log(step_metrics.to_record())
                 figures = step_metrics.rollouts
                 bar.update(self.step, acc="-" if figures.accuracy is None else figures.accuracy,  # none scored
                            tools=figures.tool_call_ratio, q2=step_metrics.efficiency_group_share,
@@ -286,31 +325,30 @@ class HdpoStage:
                     self.stopped = True
                     return
 
-    def _save_samples(self, rollouts, scores, examples, advantages) -> None:
+    def _log(self, record: dict) -> None:
+        """One metrics.jsonl row (rank 0 writes it)."""
+        if self.metrics is not None:
+            self.metrics.append(record)
+
+    def _save_samples(self, rollouts, scores, examples, advantages, rows: list[int]) -> None:
+        from metis_cli.stages.hdpo_step import sample_record
+
         folder = self.stage_dir / "rollouts"
         with storage_errors(folder):
             folder.mkdir(parents=True, exist_ok=True)
-        stride = max(1, len(rollouts) // self.cfg.samples_to_save)
-        lines = []
-        for i in list(range(0, len(rollouts), stride))[: self.cfg.samples_to_save]:
-            r, s, example = rollouts[i], scores[i], examples[rollouts[i].prompt_index]
-            lines.append(json.dumps({
-                "step": self.step, "prompt_id": example.id, "sample": r.sample_index, "subset": example.subset,
-                "question": example.question, "gold": example.answer, "messages": r.messages,
-                "final_answer": s.answer, "correct": s.correct, "tool_calls": r.tool_calls,
-                "tool_errors": sum(r.tool_errors.values()), "r_acc": s.r_acc, "r_tool": s.r_tool,
-                "adv_acc": float(advantages.acc[i]),
-                "adv_tool": float(advantages.tool[i]) if advantages.tool is not None else 0.0,
-            }))
+        lines = [json.dumps(sample_record(self.step, i, rollouts, scores, advantages, examples)) for i in rows]
         write_atomic(folder / f"step_{self.step:06d}.jsonl", "\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------------------- save
     def save_checkpoint(self, rng: dict | None = None) -> Path:
         """checkpoints/step_<step>/ with the trainer state; `rng`: the RNG state to resume with
         (default: the current one)."""
-        from metis_cli.train.checkpoint import save_checkpoint
+        from metis_cli.train.checkpoint import save_checkpoint, save_sharded_checkpoint
         from metis_cli.model.runtime import rng_state
 
+        if self.dist.enabled:
+            state = {"rng": rng or rng_state(), "eval_history": self.eval_history}
+            return save_sharded_checkpoint(self.stage_dir, self.step, self.model, self.optimizer, state, self.dist)
         state = {"optimizer": self.optimizer.state_dict(), "rng": rng or rng_state(), "eval_history": self.eval_history}
         if self.weights.has_copies:
             state["master_weights"] = self.weights.state_dict()
@@ -320,6 +358,7 @@ class HdpoStage:
         """Checkpoint the state before the failing step (nothing of it is trained), then stop with
         an EndpointError (exit 2), so that --resume redoes the step once the service is back."""
         from metis_cli.errors import EndpointError
+        from metis_cli.stages.hdpo_dist import stop_with
         from metis_cli.train.checkpoint import latest_checkpoint
 
         failing = self.step + 1
@@ -329,18 +368,26 @@ class HdpoStage:
             latest = latest_checkpoint(self.stage_dir)
             same = latest is not None and latest.name == f"step_{self.step:06d}"
             saved = f"{latest if same else self.save_checkpoint(rng=rng_at_start)} holds step {self.step}"
-        raise EndpointError(f"hdpo stopped at step {failing}/{self.cfg.steps}: {reason}. Step {failing} was not "
-                            f"trained; {saved}. Bring the service back, then rerun the same command with --resume")
+        stop_with(self.dist, EndpointError(
+            f"hdpo stopped at step {failing}/{self.cfg.steps}: {reason}. Step {failing} was not trained; {saved}. "
+            "Bring the service back, then rerun the same command with --resume"))
 
     def save(self) -> Path:
         from metis_cli.telemetry.run import mark_done, stage_inputs
-        from metis_cli.train.checkpoint import save_model_folder
+        from metis_cli.train.checkpoint import save_gathered_model_folder, save_model_folder
+        from metis_cli.train.distributed import compute_dtype, run_on_main
 
-        final = save_model_folder(self.model, self.tokenizer, self.stage_dir / "final", merge_lora=self.recipe.model.lora.merge)
+        final, merge = self.stage_dir / "final", self.recipe.model.lora.merge
+        if self.dist.enabled:  # rank 0 writes one HF folder from tensors gathered one at a time
+            save_gathered_model_folder(self.model, self.tokenizer, final, self.dist,
+                                       dtype=compute_dtype(self.recipe, self.device), merge_lora=merge)
+        else:
+            save_model_folder(self.model, self.tokenizer, final, merge_lora=merge)
         first = self.eval_history[0][1] if self.eval_history else {}
         last = self.eval_history[-1][1] if self.eval_history else {}
-        mark_done(self.stage_dir, {"steps": self.step, "estimator": self.cfg.estimator, "final": str(final),
-                                   "eval_first": first, "eval_last": last, "inputs": stage_inputs(self.recipe, "hdpo")})
+        run_on_main(self.dist, lambda: mark_done(self.stage_dir, {
+            "steps": self.step, "estimator": self.cfg.estimator, "final": str(final), "eval_first": first,
+            "eval_last": last, "world_size": self.dist.world_size, "inputs": stage_inputs(self.recipe, "hdpo")}))
         return final
 
     def cleanup(self) -> None:
@@ -348,32 +395,24 @@ class HdpoStage:
 
         if hasattr(self, "backend"):
             self.backend.close()
-        for name in ("model", "reference", "optimizer", "weights", "backend", "engine"):
+        for name in ("model", "rollout_model", "reference", "optimizer", "weights", "backend", "engine"):
             self.__dict__.pop(name, None)
         gc.collect()
 
 
-def _eval_line(step: int, record: dict) -> str:
-    from metis_cli.telemetry import metrics as m
-
-    short = {m.ACCURACY: "acc", m.TOOL_CALL_RATIO: "tools", m.TOOL_CALLS_MEAN: "calls"}
-    parts = []
-    for key, value in sorted(record.items()):
-        split = m.split_eval_key(key)
-        if split is not None and value is not None:
-            subset, name = split
-            parts.append(f"{subset}.{short[name]}={value:.2f}")
-    return f"hdpo eval @ step {step}: " + "  ".join(parts)
-
-
 def run(recipe, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> HdpoResult:
+    from metis_cli.train.distributed import stop_together, teardown
+
     stage = HdpoStage(recipe, resume=resume, overwrite=overwrite, quiet=quiet)
     stage.setup()
     try:
-        stage.train()
-        final = stage.save() if not stage.stopped else stage.stage_dir / "final"
+        with stop_together(stage.dist):
+            stage.train()
+            final = stage.save() if not stage.stopped else stage.stage_dir / "final"
         first = stage.eval_history[0][1] if stage.eval_history else {}
         last = stage.eval_history[-1][1] if stage.eval_history else {}
-        return HdpoResult(stage.stage_dir, final, stage.step, stage.stopped, first, last)
+        result = HdpoResult(stage.stage_dir, final, stage.step, stage.stopped, first, last)
     finally:
         stage.cleanup()
+    teardown()  # only after success: after a failed collective the process just exits
+    return result

@@ -1,5 +1,6 @@
-"""The typed ends of one RL step: `scored_batch` (rollouts and their scores -> `algo.types.ScoredBatch`)
-and `StepMetrics` (everything the step logs -> one metrics.jsonl record).
+"""The typed ends of one RL step: `step_prompts` (which prompts), `scored_batch` (rollouts and their
+scores -> `algo.types.ScoredBatch`), `StepMetrics` (everything the step logs -> one metrics.jsonl
+record), and what the step shows (`sample_rows` / `sample_record`: saved rollouts; `eval_line`).
 
 `StepMetrics.to_record()` writes only names that `telemetry.metrics` defines (a test checks), in
 the groups docs/metrics.md lists: the step's rollouts and rewards, the advantages, the update
@@ -9,6 +10,7 @@ them. Must not touch: models, optimizers, files.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -16,9 +18,22 @@ import torch
 
 from metis_cli.algo.advantages import advantage_stats, efficiency_group_share
 from metis_cli.algo.types import Advantages, ScoredBatch
+from metis_cli.model.runtime import HDPO_EPOCH_ORDER_SEED, derive_seed
 from metis_cli.rewards.batch import RolloutFigures
 from metis_cli.stages.hdpo_update import UpdateFigures
 from metis_cli.telemetry import metrics as m
+
+
+def step_prompts(prompt_count: int, per_step: int, run_seed: int, step: int) -> list[int]:
+    """Prompt indices of a step: epochs of seeded permutations, so a resumed run continues
+    exactly where the killed one was."""
+    indices = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(position, prompt_count)
+        order = list(range(prompt_count))
+        random.Random(derive_seed(HDPO_EPOCH_ORDER_SEED, run_seed, epoch)).shuffle(order)
+        indices.append(order[offset])
+    return indices
 
 
 def scored_batch(rollouts, scores) -> ScoredBatch:
@@ -111,3 +126,38 @@ def eval_figures(summary: dict[str, dict]) -> dict[str, float | None]:
     """The `eval/<subset>/<figure>` entries of a `rewards.batch.subset_summary`."""
     return {m.eval_key(subset, figure.name): figures[figure.name]
             for subset, figures in summary.items() for figure in m.EVAL_FIGURES}
+
+
+def sample_rows(cfg, step: int, rollouts: int) -> list[int]:
+    """The rollouts (indices in step order, of `rollouts`) that `step` saves as samples: evenly
+    spaced, `hdpo.samples_to_save` of them, on step 1 and every `hdpo.sample_every` steps."""
+    if not cfg.samples_to_save or not (step % cfg.sample_every == 0 or step == 1):
+        return []
+    stride = max(1, rollouts // cfg.samples_to_save)
+    return list(range(0, rollouts, stride))[: cfg.samples_to_save]
+
+
+def sample_record(step: int, i: int, rollouts, scores, advantages: Advantages, examples) -> dict:
+    """One line of rollouts/step_<step>.jsonl: rollout i of the step, its score and advantages."""
+    r, s, example = rollouts[i], scores[i], examples[rollouts[i].prompt_index]
+    return {
+        "step": step, "prompt_id": example.id, "sample": r.sample_index, "subset": example.subset,
+        "question": example.question, "gold": example.answer, "messages": r.messages,
+        "images": [[image.width, image.height] for image in r.images],  # sizes in order of appearance, never pixels
+        "final_answer": s.answer, "correct": s.correct, "tool_calls": r.tool_calls,
+        "tool_errors": sum(r.tool_errors.values()), "r_acc": s.r_acc, "r_tool": s.r_tool,
+        "adv_acc": float(advantages.acc[i]),
+        "adv_tool": float(advantages.tool[i]) if advantages.tool is not None else 0.0,
+    }
+
+
+def eval_line(step: int, record: dict) -> str:
+    """The progress line of a held-out eval: `hdpo eval @ step 5: easy.acc=0.50  easy.tools=...`."""
+    short = {m.ACCURACY: "acc", m.TOOL_CALL_RATIO: "tools", m.TOOL_CALLS_MEAN: "calls"}
+    parts = []
+    for key, value in sorted(record.items()):
+        split = m.split_eval_key(key)
+        if split is not None and value is not None:
+            subset, name = split
+            parts.append(f"{subset}.{short[name]}={value:.2f}")
+    return f"hdpo eval @ step {step}: " + "  ".join(parts)

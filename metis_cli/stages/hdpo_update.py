@@ -9,7 +9,8 @@ token denominators, so splitting it into micro-batches leaves it unchanged (docs
 step 5). Old log-probs are the trainer's own: with one mini-batch and one epoch they are the
 current log-probs detached (ratio 1, clipping never acts); otherwise they are computed once,
 before the first optimizer step, so every later step is off-policy and the clip (and dual-clip)
-acts.
+acts. With several processes each trains its own whole groups; `scope` (`stages.hdpo_dist`) makes
+the denominators and figures the step's and keeps every process's forward passes in step.
 
 Must not touch: sampling, rewards, advantages, weight sync to the backend (the stage does that).
 """
@@ -24,7 +25,7 @@ from torch import Tensor
 from metis_cli.agent.rollout import Rollout, RolloutBatch
 from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean, micro_batch_norms
 from metis_cli.algo.types import Advantages
-from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt
+from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt, token_logprobs
 
 
 @dataclass
@@ -65,6 +66,10 @@ class MicroBatch:
     sampler_logprobs: Tensor  # [K, W] float
     a_acc: Tensor  # [K]
     a_tool: Tensor | None  # [K], or None without an efficiency channel
+    images: tuple = ()  # each row's images (vision-language policies), else ()
+    vision: object = None  # model/vision.py Vision of such a policy
+    padding: bool = False  # a stand-in that trains nothing (several processes: `stages.hdpo_dist`)
+    share_prompt: bool = True  # False: one plain forward, no prompt KV reuse (`stages.hdpo_dist`)
 
     @property
     def tokens(self) -> float:
@@ -78,12 +83,16 @@ class MicroBatch:
 
     def logprobs(self, policy, temperature: float, with_entropy: bool = False):
         """(token log-probs [K, W], entropy [K, W] or None) of `policy` on these rows."""
+        if not self.share_prompt:
+            return token_logprobs(policy, self.input_ids, self.attention_mask, temperature=temperature,
+                                  with_entropy=with_entropy, vision=self.vision, images=list(self.images) or None)
         return grouped_token_logprobs(policy, self.input_ids, self.attention_mask, self.prompt_lens,
-                                      temperature=temperature, with_entropy=with_entropy)
+                                      temperature=temperature, with_entropy=with_entropy,
+                                      vision=self.vision, images=list(self.images) or None)
 
 
 def micro_batches(kept: list[Rollout], advantages: Advantages, size: int, *, pad_token_id: int,
-                  device) -> list[MicroBatch]:
+                  device, vision=None) -> list[MicroBatch]:
     """The kept rollouts collated and cut into micro-batches of at most `size` rollouts that hold
     whole groups, so each prompt runs once per micro-batch and its KV cache serves all of the
     group's rollouts (`train.logprobs.micro_batches_by_prompt`)."""
@@ -101,21 +110,24 @@ def micro_batches(kept: list[Rollout], advantages: Advantages, size: int, *, pad
             cut(batch.input_ids), cut(batch.attention_mask), cut(prompt_lens), cut(batch.loss_mask),
             cut(batch.sampler_logprobs), cut(advantages.acc),
             cut(advantages.tool) if advantages.tool is not None else None,
+            tuple(kept[i].images for i in rows.tolist()) if vision is not None else (), vision,
         ))
     return chunks
 
 
-def mini_batch_rows(group_ids: Tensor, count: int) -> list[Tensor]:
+def mini_batch_rows(group_ids: Tensor, count: int, groups: Tensor | None = None) -> list[Tensor]:
     """Row indices of `count` mini-batches of whole groups (fewer when there are fewer groups):
-    the groups in order, split as evenly as possible. Args: group_ids [K]. Returns: [k_b] long
-    tensors, rows in their original order, covering every row once."""
-    groups = group_ids.unique()
+    the groups in order, split as evenly as possible. Args: group_ids [K]; groups: the sorted
+    group ids to split (default: those of `group_ids`; several processes pass the step's, so a
+    process's part of a mini-batch can be empty). Returns: [k_b] long tensors, rows in their
+    original order, covering every row once."""
+    groups = group_ids.unique() if groups is None else groups
     return [torch.isin(group_ids, part).nonzero().squeeze(-1)
             for part in groups.tensor_split(min(count, len(groups)))]
 
 
 def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages, cfg, *, pad_token_id: int,
-                  temperature: float, device, reference=None) -> UpdateFigures:
+                  temperature: float, device, reference=None, vision=None, scope=None) -> UpdateFigures:
     """`cfg.ppo_epochs` x `cfg.mini_batches` PPO-clip optimizer steps on the `kept` rollouts (at least one).
 
     Args:
@@ -126,13 +138,20 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
             mini_batches, micro_batch_size, loss_agg, grad_clip).
         temperature: the sampling temperature (log-probs are of the temperature-scaled policy).
         reference: the frozen initial policy for the k3 KL term, or None (no KL).
+        vision: a vision-language policy's image handling (model/vision.py); rollouts keep their images.
+        scope: with several processes, this process's view of the others
+            (`stages.hdpo_dist.UpdateScope`): `kept` are then its own whole groups (possibly none),
+            denominators and figures cover every process's rollouts; None on one process.
     """
-    group_ids = torch.tensor([r.prompt_index for r in kept])
+    group_ids = torch.tensor([r.prompt_index for r in kept], dtype=torch.long)
     minis = [micro_batches([kept[i] for i in rows.tolist()], advantages.select(rows), cfg.micro_batch_size,
-                           pad_token_id=pad_token_id, device=device)
-             for rows in mini_batch_rows(group_ids, cfg.mini_batches)]
+                           pad_token_id=pad_token_id, device=device, vision=vision) if len(rows) else []
+             for rows in mini_batch_rows(group_ids, cfg.mini_batches, None if scope is None else scope.kept_groups)]
+    if scope is not None:  # the same micro-batches and forward passes on every process (FSDP collectives)
+        minis = scope.align(minis)
     two_channels = advantages.tool is not None
-    step_tokens = max(sum(chunk.tokens for chunks in minis for chunk in chunks), 1.0)
+    step_tokens = sum(chunk.tokens for chunks in minis for chunk in chunks)
+    step_tokens = max(step_tokens if scope is None else scope.total(step_tokens), 1.0)
     old_logp = None
     if cfg.ppo_epochs > 1 or len(minis) > 1:  # off-policy after the first step: fix the old policy now
         with torch.no_grad():
@@ -141,8 +160,7 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
     first_step = True
     for epoch in range(cfg.ppo_epochs):
         for mini, chunks in enumerate(minis):
-            norms = micro_batch_norms([c.tokens for c in chunks], [c.tool_tokens for c in chunks],
-                                      [len(c.a_acc) for c in chunks], cfg.loss_agg)
+            norms = _norms(chunks, cfg.loss_agg, scope)
             optimizer.zero_grad()
             for number, (chunk, norm) in enumerate(zip(chunks, norms)):
                 logp, entropy = chunk.logprobs(model, temperature, with_entropy=epoch == 0)
@@ -160,6 +178,8 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
                     kl = kl_k3(logp, ref_logp, chunk.loss_mask)
                     loss = loss + cfg.kl_coef * kl * norm.token_mean_weight(chunk.tokens)
                     figures.kl += float(kl.detach()) * share / cfg.ppo_epochs
+                if scope is not None:
+                    loss = loss * scope.world_size  # FSDP averages the gradients over the processes
                 loss.backward()
                 if epoch == 0:
                     figures.loss += float(parts.loss.detach()) * norm.scale / len(minis)
@@ -174,4 +194,16 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
             if first_step:
                 figures.grad_norm, figures.update_rms = stats.grad_norm, stats.update_rms
                 first_step = False
-    return figures
+    return figures if scope is None else scope.reduce(figures)
+
+
+def _norms(chunks: list[MicroBatch], loss_agg, scope):
+    """The `micro_batch_norms` of one mini-batch's micro-batches; with several processes the
+    other processes' tokens and rollouts count in the denominators too (one extra entry)."""
+    acc = [c.tokens for c in chunks]
+    tool = [c.tool_tokens for c in chunks]
+    rollouts = [0 if c.padding else len(c.a_acc) for c in chunks]
+    if scope is None:
+        return micro_batch_norms(acc, tool, rollouts, loss_agg)
+    others = scope.others([sum(acc), sum(tool), sum(rollouts)])
+    return micro_batch_norms(acc + [others[0]], tool + [others[1]], rollouts + [others[2]], loss_agg)[:-1]

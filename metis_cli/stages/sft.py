@@ -5,7 +5,9 @@ mask comes from `data.chat.tokenize_runs`, the same token cut the rollout engine
 averaged over the assistant tokens of each optimizer step. Phases train in order (for the tiny
 recipe: "knowledge" direct answers, then cold-start tool-use trajectories). Full fine-tuning or
 LoRA, gradient accumulation, warmup + cosine/linear decay, held-out eval loss, atomic
-checkpoints, `--resume`. AdamW updates fp32 master weights (`train.optimizer`).
+checkpoints, `--resume`. AdamW updates fp32 master weights (`train.optimizer`). A micro-batch
+becomes model inputs in `train.sft_batch`: packed into one padding-free sequence (`sft.packing`)
+or padded rows.
 
 Under torchrun (`--nproc-per-node N`) every rank plans the same global micro-batches and trains on
 its share of each (rows rank, rank + N, ...); FSDP2 reduces the gradients, so a step is the step
@@ -70,6 +72,7 @@ class SftStage:
         self.metrics = MetricsLog(self.stage_dir / "metrics.jsonl")
         self._setup_model()
         self._setup_data()
+        self._setup_packing()
         self._setup_optimizer()
         if self.resume:
             self._resume()
@@ -82,6 +85,11 @@ class SftStage:
         run_on_main(self.dist, lambda: ensure_base_model(self.recipe))
         self.model, self.tokenizer = load_policy(self.cfg.init_from, self.recipe, field="sft.init_from",
                                                  device="cpu" if self.dist.enabled else self.device)
+        from metis_cli.model.vision import load_vision
+
+        # A vision-language policy's image handling (model/vision.py); None for a text-only one.
+        self.vision = load_vision(self.cfg.init_from, model=self.model, field="sft.init_from",
+                                  trust_remote_code=self.recipe.model.trust_remote_code)
         self.model = shard_model(self.model, self.recipe, self.dist)
         self.model.train()
 
@@ -104,20 +112,49 @@ class SftStage:
                     if not any(m["role"] == "assistant" for m in conversation):
                         raise DataError(f"sft.phases[{p}]: example {example.id} has no assistant turn to train on")
                     tools = self._tool_specs(conversation)
-                    key = repr((conversation, bool(tools)))
-                    if key not in cache:
-                        cache[key] = tokenize_runs(self.tokenizer, conversation, tools)
-                    for ids, mask in cache[key]:  # one sequence unless the template re-renders at a new question
-                        if len(ids) > self.cfg.max_seq_len:
+                    if example.images:
+                        rows = self._image_rows(example, conversation, tools, p)
+                    else:
+                        key = repr((conversation, bool(tools)))
+                        if key not in cache:
+                            cache[key] = tokenize_runs(self.tokenizer, conversation, tools)
+                        rows = cache[key]
+                    for row in rows:  # one sequence unless the template re-renders at a new question
+                        if len(row[0]) > self.cfg.max_seq_len:
                             self.dropped_too_long += 1
                             continue
-                        encoded.append((ids, mask))
+                        encoded.append(tuple(row))
                 rng.shuffle(encoded)
                 n_eval = int(len(encoded) * self.cfg.eval_share)
                 self.eval_set += encoded[:n_eval]
                 self.phases.append(encoded[n_eval:])
         self.plan = self._batch_plan()
         self.total_steps = math.ceil(len(self.plan) / self.cfg.grad_accum)
+
+    def _image_rows(self, example, conversation, tools, phase: int) -> list[tuple]:
+        """(ids, mask, images) rows of an example with images (train/vision_rows.py)."""
+        from metis_cli.train.vision_rows import tokenize_with_images
+
+        if self.vision is None:
+            raise DataError(f"sft.phases[{phase}]: example {example.id} has images, but sft.init_from "
+                            f"({self.cfg.init_from}) is a text-only model; use a vision-language model")
+        return tokenize_with_images(self.tokenizer, self.vision, conversation, tools, example.load_images(),
+                                    where=f"sft.phases[{phase}] example {example.id!r}")
+
+    def _setup_packing(self) -> None:
+        """`sft.packing`, once the packed layout is shown to give this model's padded losses."""
+        from metis_cli.train import sft_batch
+
+        # Several processes: unpacked (the packing check's forward on an FSDP-sharded model leaves
+        # its root unsharded; packing under FSDP is not validated yet).
+        self.packing = self.cfg.packing and not self.dist.enabled
+        if self.packing:
+            reason = sft_batch.check_packing(self.model, self.phases[0], pad_id=self.tokenizer.pad_token_id,
+                                             device=self.device)
+            if reason:
+                self.packing = False
+                if not self.quiet:
+                    sft_batch.warn_unpacked(reason, self.cfg.init_from)
 
     def _tool_specs(self, conversation) -> list[dict] | None:
         """Tools are rendered for conversations that use them (as at rollout time)."""
@@ -221,29 +258,13 @@ class SftStage:
             print(f"sft: resumed from {checkpoint} at step {self.step}/{self.total_steps}")
 
     # ------------------------------------------------------------------------------ train
-    def _collate(self, batch: list[tuple[list[int], list[int]]]):
-        import torch
+    def _inputs(self, batch: list, rows: list):
+        """This rank's `rows` of the global micro-batch `batch` as model inputs: packed when
+        packing is on and every row of `batch` is a text row (the same choice on every rank)."""
+        from metis_cli.train import sft_batch
 
-        width = max(len(ids) for ids, _ in batch)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for row, (ids, mask) in enumerate(batch):
-            n = len(ids)
-            input_ids[row, :n] = torch.tensor(ids)
-            attention[row, :n] = 1
-            labels[row, :n] = torch.where(torch.tensor(mask, dtype=torch.bool), torch.tensor(ids), -100)
-        return input_ids.to(self.device), attention.to(self.device), labels.to(self.device)
-
-    def _loss_sum(self, batch) -> tuple["torch.Tensor", int]:
-        import torch.nn.functional as F
-
-        input_ids, attention, labels = self._collate(batch)
-        logits = self.model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
-        targets = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
-        return loss, int((targets != -100).sum())
+        packing = self.packing and all(sft_batch.is_packable(row) for row in batch)
+        return sft_batch.build(rows, packing=packing, pad_id=self.tokenizer.pad_token_id, device=self.device)
 
     def _share(self, batch: list) -> tuple[list, int]:
         """This rank's rows of a global micro-batch (rank, rank + N, ...) and the factor its loss
@@ -256,6 +277,7 @@ class SftStage:
     def evaluate(self) -> float | None:
         import torch
 
+        from metis_cli.train import sft_batch
         from metis_cli.train.distributed import all_reduce_sum
 
         if not self.eval_set:
@@ -264,8 +286,11 @@ class SftStage:
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(self.eval_set), self.cfg.batch_size):
-                rows, scale = self._share(self.eval_set[i : i + self.cfg.batch_size])
-                loss, n = self._loss_sum(rows)
+                batch = self.eval_set[i : i + self.cfg.batch_size]
+                rows, scale = self._share(batch)
+                inputs = self._inputs(batch, rows)
+                with sft_batch.routing(self.model, inputs):
+                    loss, n = sft_batch.loss_sum(self.model, inputs, self.vision)
                 if scale:
                     total, count = total + float(loss), count + n
         total, count = all_reduce_sum(self.dist, [total, count])
@@ -275,6 +300,7 @@ class SftStage:
     def train(self) -> None:
         from metis_cli.telemetry import control
         from metis_cli.telemetry.progress import StageProgress
+        from metis_cli.train import sft_batch
         from metis_cli.train.distributed import all_reduce_sum, broadcast_object
 
         accum = self.cfg.grad_accum
@@ -284,13 +310,15 @@ class SftStage:
                 step_start = time.time()
                 micro = self.plan[self.step * accum : (self.step + 1) * accum]
                 batches = [[self.phases[p][i] for i in indices] for p, indices in micro]
-                tokens = sum(int(sum(mask)) for batch in batches for _, mask in batch)
+                tokens = sum(int(sum(row[1])) for batch in batches for row in batch)
                 self.weights.zero_grad()
                 total = 0.0
                 for batch in batches:
                     rows, scale = self._share(batch)
-                    loss_sum, _ = self._loss_sum(rows)
-                    (loss_sum * scale / max(tokens, 1)).backward()
+                    inputs = self._inputs(batch, rows)
+                    with sft_batch.routing(self.model, inputs):  # also for backward (checkpointing recomputes)
+                        loss_sum, _ = sft_batch.loss_sum(self.model, inputs, self.vision)
+                        (loss_sum * scale / max(tokens, 1)).backward()
                     total += float(loss_sum.detach()) if scale else 0.0
                 (total,) = all_reduce_sum(self.dist, [total])
                 lr = self.scheduler.get_last_lr()[0]

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from metis_cli.files import storage_errors
+from metis_cli.model.processor import copy_processor_files
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
@@ -59,12 +60,14 @@ def save_model_folder(model, tokenizer, dest: Path, *, merge_lora: bool = False)
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        copy_processor_files(model, folder)
         if merge_lora and hasattr(model, "merge_and_unload"):
             import copy
 
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(folder / "merged")
             tokenizer.save_pretrained(folder / "merged")
+            copy_processor_files(model, folder / "merged")
         _write_card(folder, Path(dest).parent)
 
     return _atomic_dir(Path(dest), write)
@@ -86,6 +89,7 @@ def save_checkpoint(stage_dir: Path, step: int, model, tokenizer, trainer_state:
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        copy_processor_files(model, folder)
         torch.save({**trainer_state, "step": step}, folder / TRAINER_STATE)
 
     dest = _atomic_dir(Path(stage_dir) / "checkpoints" / f"step_{step:06d}", write)
@@ -223,6 +227,7 @@ def save_gathered_model_folder(model, tokenizer, dest: Path, context, *, dtype, 
                 if getattr(model, "generation_config", None) is not None:
                     model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            copy_processor_files(model, tmp)
             if peft and merge_lora:
                 _merge_adapter_folder(tmp, dtype)
             _write_card(tmp, dest.parent)
@@ -234,14 +239,16 @@ def save_gathered_model_folder(model, tokenizer, dest: Path, context, *, dtype, 
 
 def _merge_adapter_folder(folder: Path, dtype) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from metis_cli.model.loading import adapter_base
+    from metis_cli.model.loading import adapter_base, model_class
 
-    base = AutoModelForCausalLM.from_pretrained(adapter_base(str(folder)), dtype=dtype)
+    base_path = adapter_base(str(folder))
+    base = model_class(base_path).from_pretrained(base_path, dtype=dtype)
     merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
     merged.save_pretrained(folder / "merged")
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder / "merged")
+    copy_processor_files(base, folder / "merged")
 
 
 class _SafetensorsWriter:

@@ -14,7 +14,8 @@ collectives return their input. Under torchrun (`metis sft RECIPE --nproc-per-no
   master weights (`train.optimizer`) while the forward computes in bf16. LoRA works the same way
   (frozen base weights stay in their dtype).
 - `full_state_dict_iter`: every full tensor of the model, gathered from the shards one at a time
-  (weight sync to rollout engines, the final HF folder), never the whole model on one rank.
+  (the final HF folder; `copy_full_weights`: the weight sync into each rank's unsharded rollout
+  model), never the whole model on one rank.
 
 It knows nothing about stages, data or rollouts.
 """
@@ -243,7 +244,8 @@ def compute_dtype(recipe, device: str):
 
     from metis_cli.model.runtime import pick_dtype
 
-    return torch.bfloat16 if pick_dtype(recipe.model.dtype, device) == torch.bfloat16 else torch.float32
+    kind = device.split(":")[0]  # "cuda:3" is a GPU as much as "cuda" (auto means bf16 there)
+    return torch.bfloat16 if pick_dtype(recipe.model.dtype, kind) == torch.bfloat16 else torch.float32
 
 
 def shard_model(model, recipe, context: DistributedContext):
@@ -295,22 +297,40 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def full_state_dict_iter(model, *, dtype=None, device: str = "cpu") -> Iterator[tuple[str, Any]]:
-    """(name, full tensor) for every parameter and persistent buffer of `model`, in the order of
-    `named_parameters`, each gathered from its shards on its own (every rank must iterate to the
-    end: each tensor is a collective). Tied weights appear once, under their first name. Names
-    are the model's own (for a transformers model: those its safetensors files use)."""
+def full_state_dict_iter(model, *, dtype=None, device: str = "cpu",
+                         trainable_only: bool = False) -> Iterator[tuple[str, Any]]:
+    """(name, full tensor) for every parameter and persistent buffer of `model` (with
+    `trainable_only`: every trainable parameter), in the order of `named_parameters`, each
+    gathered from its shards on its own (every rank must iterate to the end: each tensor is a
+    collective). Tied weights appear once, under their first name. Names are the model's own
+    (for a transformers model: those its safetensors files use)."""
     _reshard(model)
     seen: set[int] = set()
     for name, param in model.named_parameters():
-        if id(param) in seen:
+        if id(param) in seen or (trainable_only and not param.requires_grad):
             continue
         seen.add(id(param))
         yield name, _gathered(param, dtype, device)
+    if trainable_only:
+        return
     persistent = {name for name, _ in model.state_dict(keep_vars=True).items()}
     for name, buffer in model.named_buffers():
         if name in persistent:
             yield name, _gathered(buffer, dtype, device)
+
+
+def copy_full_weights(model, target) -> None:
+    """Copy the trainable weights of the sharded `model` into the same-named parameters of
+    `target`, an unsharded copy of it made before sharding (a rank's rollout model), each tensor
+    gathered on its own and cast to `target`'s dtype; frozen weights never change, so they are
+    not sent. Every rank must call it (each tensor is a collective)."""
+    import torch
+
+    own = dict(target.named_parameters())
+    device = str(next(iter(own.values())).device)
+    with torch.no_grad():
+        for name, tensor in full_state_dict_iter(model, device=device, trainable_only=True):
+            own[name].copy_(tensor)
 
 
 def _reshard(model) -> None:

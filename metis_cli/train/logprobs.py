@@ -9,6 +9,13 @@ Two ways to get them for a batch of rollouts:
   prompt cost 1/G of the plain way; with long system prompts and tool listings that is most of the
   update. Same numbers as `token_logprobs` on every continuation token (float rounding aside).
 `micro_batches_by_prompt` splits a batch so that whole groups land in one micro-batch.
+
+Images (vision-language policies): both take `vision` (model/vision.py) and `images`, each row's
+images in order of its expanded image pads. The plain pass gives the model every row's pixel
+values and multimodal position ids. The grouped pass computes the rows' position ids once over
+the full rows, gives the prompt pass the distinct prompts' images (rows share a prompt only when
+their prompt tokens *and* prompt images are the same) and the continuation pass the images tools
+returned inside the rollouts, each with its slice of those positions.
 """
 
 from __future__ import annotations
@@ -20,21 +27,22 @@ import torch.nn.functional as F
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                   temperature: float = 1.0, with_entropy: bool = False):
+                   temperature: float = 1.0, with_entropy: bool = False, vision=None, images=None):
     """Log-prob of every token given its prefix.
 
     Args: input_ids, attention_mask: [N, L].
     Returns: logp [N, L] float32 where column t is log p(input_ids[:, t] | input_ids[:, :t]) and
     column 0 is 0 (no prefix); entropy [N, L] of the same distributions (or None).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    extra = vision.forward_inputs(model, input_ids, attention_mask, images) if vision is not None and images else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, :-1]
     picked, entropy = _pick(logits, input_ids[:, 1:], temperature, with_entropy)
     zeros = torch.zeros_like(picked[:, :1])
     return torch.cat([zeros, picked], dim=1), (torch.cat([zeros, entropy], dim=1) if with_entropy else None)
 
 
 def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
-                           *, temperature: float = 1.0, with_entropy: bool = False):
+                           *, temperature: float = 1.0, with_entropy: bool = False, vision=None, images=None):
     """`token_logprobs` on the continuation tokens, running each distinct prompt once.
 
     Rows whose first `prompt_lens` tokens are identical share one prompt pass (rows are grouped by
@@ -59,10 +67,18 @@ def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     prompt_lens = prompt_lens.to(input_ids.device)
     if bool((prompt_lens < 1).any()) or bool((prompt_lens > lengths).any()):
         raise ValueError("grouped_token_logprobs: every prompt_lens must be in [1, row length]")
-    prompt_of_row, prompts = _distinct_prompts(input_ids, prompt_lens)
+    if vision is None or not images or not any(images):
+        vision = images = None
+    split = _split_images(vision, input_ids, prompt_lens, images) if vision is not None else None
+    prompt_of_row, prompts = _distinct_prompts(input_ids, prompt_lens, None if split is None else split[0])
     continuation_width = int((lengths - prompt_lens).max())
+    plain = {"vision": vision, "images": images}
     if len(prompts) == rows or continuation_width == 0 or not _shares_prompts(model):
-        return _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy)
+        return _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy, plain)
+    prompt_extra, rest_extra = {}, {}
+    if vision is not None:
+        prompt_extra, rest_extra = _vision_passes(model, vision, input_ids, attention_mask, prompt_lens, prompt_of_row,
+                                                  prompts, split, continuation_width)
 
     # Prompt pass: [P, Lp] left-padded, positions counted over real tokens only.
     prompt_width = max(len(p) for p in prompts)
@@ -71,13 +87,15 @@ def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     for number, tokens in enumerate(prompts):
         prompt_ids[number, prompt_width - len(tokens):] = tokens
         prompt_mask[number, prompt_width - len(tokens):] = 1
-    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    prompt_positions = prompt_extra.pop("position_ids", None)
+    if prompt_positions is None:
+        prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                       use_cache=True, **keep_last)
+                       use_cache=True, **keep_last, **prompt_extra)
     cache = prompt_out.past_key_values
     if not _is_plain_dynamic_cache(cache) or cache.get_seq_length() != prompt_width:
-        return _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy)
+        return _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy, plain)
     first_logits = prompt_out.logits[:, -1][prompt_of_row]  # [N, V]: predicts each row's first continuation token
     cache.batch_select_indices(prompt_of_row)  # [P, H, Lp, D] -> [N, H, Lp, D] per layer, differentiable
 
@@ -88,9 +106,10 @@ def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     first, first_entropy = _pick(first_logits.unsqueeze(1), continuation_ids[:, :1], temperature, with_entropy)
     picked, entropy = first, first_entropy
     if continuation_width > 1:
+        rest_positions = rest_extra.pop("position_ids", columns[:, :-1])
         rest_logits = model(input_ids=continuation_ids[:, :-1], attention_mask=torch.cat(
                                 [prompt_mask[prompt_of_row], continuation_mask[:, :-1]], dim=1),
-                            position_ids=columns[:, :-1], past_key_values=cache, use_cache=True).logits
+                            position_ids=rest_positions, past_key_values=cache, use_cache=True, **rest_extra).logits
         rest, rest_entropy = _pick(rest_logits, continuation_ids[:, 1:], temperature, with_entropy)
         picked = torch.cat([first, rest], dim=1)
         entropy = torch.cat([first_entropy, rest_entropy], dim=1) if with_entropy else None
@@ -143,22 +162,71 @@ def _pick(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_
     return picked, entropy
 
 
-def _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy):
+def _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy, plain=None):
     """`token_logprobs` with prompt and padding columns zeroed, so both paths return one layout."""
-    logp, entropy = token_logprobs(model, input_ids, attention_mask, temperature=temperature, with_entropy=with_entropy)
+    logp, entropy = token_logprobs(model, input_ids, attention_mask, temperature=temperature, with_entropy=with_entropy,
+                                   **(plain or {}))
     columns = torch.arange(input_ids.shape[1], device=input_ids.device)
     continuation = (columns >= prompt_lens.unsqueeze(1)) & (attention_mask > 0)
     return logp * continuation, (entropy * continuation if entropy is not None else None)
 
 
-def _distinct_prompts(input_ids: torch.Tensor, prompt_lens: torch.Tensor):
-    """([N] long index of each row's prompt, list of P distinct prompts as 1-D token tensors)."""
-    index: dict[tuple[int, ...], int] = {}
+def _distinct_prompts(input_ids: torch.Tensor, prompt_lens: torch.Tensor, prompt_images: list[list] | None = None):
+    """([N] long index of each row's prompt, list of P distinct prompts as 1-D token tensors).
+    With `prompt_images` (each row's prompt images) a prompt is its tokens and those image objects."""
+    index: dict[tuple, int] = {}
     prompt_of_row = []
-    for row, length in zip(input_ids, prompt_lens.tolist()):
-        prompt_of_row.append(index.setdefault(tuple(row[:length].tolist()), len(index)))
-    prompts = [torch.tensor(key, dtype=input_ids.dtype, device=input_ids.device) for key in index]
+    for number, (row, length) in enumerate(zip(input_ids, prompt_lens.tolist())):
+        seen = tuple(id(image) for image in prompt_images[number]) if prompt_images is not None else ()
+        prompt_of_row.append(index.setdefault((tuple(row[:length].tolist()), seen), len(index)))
+    prompts = [torch.tensor(key[0], dtype=input_ids.dtype, device=input_ids.device) for key in index]
     return torch.tensor(prompt_of_row, device=input_ids.device), prompts
+
+
+def _split_images(vision, input_ids, prompt_lens, images):
+    """(each row's prompt images, each row's continuation images): a row's first k images are
+    its prompt's, k the image runs within its prompt tokens."""
+    prompt_images, continuation_images = [], []
+    for row, length, row_images in zip(input_ids, prompt_lens.tolist(), images):
+        k = vision.count_images(row[:length].tolist())
+        prompt_images.append(list(row_images[:k]))
+        continuation_images.append(list(row_images[k:]))
+    return prompt_images, continuation_images
+
+
+def _vision_passes(model, vision, input_ids, attention_mask, prompt_lens, prompt_of_row, prompts, split,
+                   continuation_width):
+    """Extra kwargs (pixel values, image grid, 3-D position ids) of the prompt pass and of the
+    continuation pass, the positions cut from the full rows' own (module docstring)."""
+    prompt_images, continuation_images = split
+    all_images = [p + c for p, c in zip(prompt_images, continuation_images)]
+    full = vision.forward_inputs(model, input_ids, attention_mask, all_images)
+    positions = full["position_ids"] if full else (attention_mask.cumsum(1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+    # Prompt pass: the first row of each distinct prompt stands for it; left-padded like the tokens.
+    first_row = [prompt_of_row.tolist().index(number) for number in range(len(prompts))]
+    prompt_width = max(len(p) for p in prompts)
+    prompt_positions = positions.new_zeros((3, len(prompts), prompt_width))
+    for number, row in enumerate(first_row):
+        length = len(prompts[number])
+        prompt_positions[:, number, prompt_width - length:] = positions[:, row, :length]
+    prompt_extra = {"position_ids": prompt_positions}
+    distinct_images = [prompt_images[row] for row in first_row]
+    if any(distinct_images):
+        prompt_extra.update(_pixels(model, vision, distinct_images, input_ids.device))
+    # Continuation pass: columns prompt_lens + j, j < continuation_width - 1 (the last is only predicted).
+    width = input_ids.shape[1]
+    columns = prompt_lens.unsqueeze(1) + torch.arange(continuation_width - 1, device=input_ids.device)
+    rest_extra = {"position_ids": positions.gather(2, columns.clamp(max=width - 1)[None].expand(3, -1, -1))}
+    if any(continuation_images):
+        rest_extra.update(_pixels(model, vision, continuation_images, input_ids.device))
+    return prompt_extra, rest_extra
+
+
+def _pixels(model, vision, images: list[list], device) -> dict:
+    features = [vision.features(image) for row in images for image in row]
+    dtype = next(model.parameters()).dtype
+    return {"pixel_values": torch.cat([f.pixel_values for f in features]).to(device, dtype),
+            "image_grid_thw": torch.tensor([f.grid_thw for f in features], dtype=torch.long, device=device)}
 
 
 def _base_model(model):

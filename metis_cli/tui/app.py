@@ -26,11 +26,13 @@ from textual.widgets import Footer, Static
 from metis_cli.errors import RunFolderError
 from metis_cli.telemetry import control
 from metis_cli.telemetry.history import MetricsHistory
+from metis_cli.telemetry.sweep_folder import is_sweep_dir
 from metis_cli.tui.metrics_tail import RolloutBatch
 from metis_cli.tui.rollout_view import RolloutPanel
 from metis_cli.tui.screens import ChoiceScreen, HelpScreen, TrainingExitedScreen
 from metis_cli.tui.source import StageSource
 from metis_cli.tui.summary import StatusFacts, format_duration, status_line
+from metis_cli.tui.sweep_view import SweepView
 from metis_cli.tui.training_process import TrainingProcess
 from metis_cli.tui.views import HdpoView, SftView, WaitingView
 
@@ -88,7 +90,12 @@ class Dashboard(App[int]):
             raise ValueError("train mode needs the training process, watch mode must not have one")
         self.mode = mode
         self.training = training
-        self.source = StageSource.following(run_dir) if run_dir is not None else StageSource.for_stage(stage_dir, stage)
+        # A sweep folder (`metis sweep`) holds many runs: the dashboard lists them instead.
+        self.sweep_dir = Path(run_dir) if run_dir is not None and is_sweep_dir(run_dir) else None
+        if self.sweep_dir is not None:
+            self.source = StageSource(None)
+        else:
+            self.source = StageSource.following(run_dir) if run_dir is not None else StageSource.for_stage(stage_dir, stage)
         self.history = MetricsHistory()
         self.training_exit_code: int | None = None
         self._view_kind: str | None = None
@@ -141,6 +148,14 @@ class Dashboard(App[int]):
         """Mount the view the data calls for; True if it changed."""
         wanted = (self.source.stage or "hdpo") if len(self.history) else "waiting"
         body = self.query_one("#body", Container)
+        if self.sweep_dir is not None:
+            changed = self._view_kind != "sweep"
+            if changed:
+                await body.mount(SweepView(self.sweep_dir))
+                self._view_kind = "sweep"
+                body.query_one(SweepView).focus()
+            body.query_one(SweepView).reload()
+            return changed
         if wanted == self._view_kind:
             if wanted == "waiting":
                 body.query_one(WaitingView).set_waiting_for(self.source.waiting_for())
@@ -213,6 +228,9 @@ class Dashboard(App[int]):
         return None, False
 
     def _update_status(self) -> None:
+        if self.sweep_dir is not None:
+            self.query_one("#status", Static).update(self.query_one(SweepView).status_text())
+            return
         note, note_is_error = self._trainer_note()
         stage_dir = self.source.stage_dir
         facts = StatusFacts(
@@ -236,7 +254,7 @@ class Dashboard(App[int]):
             return False
         if action == "toggle_zoom" and self._view_kind in (None, "waiting"):
             return None
-        if action == "request_checkpoint" and (self._view_kind in (None, "waiting") or self._not_running()):
+        if action == "request_checkpoint" and (self._view_kind in (None, "waiting", "sweep") or self._not_running()):
             return None
         return True
 

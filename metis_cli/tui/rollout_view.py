@@ -3,13 +3,17 @@ highlighted, so a person can see *how* the policy used (or skipped) its tools.
 
 `format_rollout` is a pure function of one rollout record (see the rollout sample format in the
 run-folder conventions); `RolloutPanel` is the focusable, scrollable panel that pages through
-the newest batch with `n` / `p`.
+the newest batch with `n` / `p`. Image content parts (vision-language rollouts) show as
+`[image WxH]`, their sizes taken in order of appearance from the record's `images` (`[image]`
+when a record does not give them); pixels never reach the browser.
 """
 
 from __future__ import annotations
 
 import json
 import re
+
+from collections.abc import Iterator
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -40,16 +44,54 @@ MAX_TOOL_RESULT_CHARS = 600
 _MARKUP = re.compile(
     r"<tool_call>(.*?)(?:</tool_call>|$)|<answer>(.*?)(?:</answer>|$)|<think>(.*?)(?:</think>|$)", re.S
 )
+_IMAGE_MARK = re.compile(r"\[image(?: \d+x\d+)?\]")
 
 
-def message_text(message: dict) -> str:
-    """A chat message's content as text (string content, or the text parts of a list)."""
+IMAGE_STYLE = "bold magenta"
+
+
+def image_mark(size) -> str:
+    """`[image WxH]` for a [width, height] pair, `[image]` for anything else (size unknown)."""
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(side, int) for side in size):
+        return f"[image {size[0]}x{size[1]}]"
+    return "[image]"
+
+
+def image_sizes(rollout: dict) -> Iterator:
+    """The record's image sizes in order, then None forever (more image parts than sizes)."""
+    sizes = rollout.get("images")
+    yield from sizes if isinstance(sizes, list) else []
+    while True:
+        yield None
+
+
+def message_text(message: dict, sizes: Iterator | None = None) -> str:
+    """A chat message's content as text: string content, or a list's text parts with each image
+    part as `image_mark` of the next size from `sizes` (`[image]` without them)."""
     content = message.get("content")
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
+    if not isinstance(content, list):
+        return ""
+    pieces = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") in ("image", "image_url") or "image" in part:
+            pieces.append(image_mark(next(sizes) if sizes is not None else None) + " ")
+        else:
+            pieces.append(str(part.get("text", "")))
+    return "".join(pieces)
+
+
+def _append_with_images(text: Text, body: str, style: str = "") -> None:
+    """`body` in `style`, its image marks highlighted."""
+    cursor = 0
+    for match in _IMAGE_MARK.finditer(body):
+        text.append(body[cursor : match.start()], style)
+        text.append(match.group(), IMAGE_STYLE)
+        cursor = match.end()
+    text.append(body[cursor:], style)
 
 
 def describe_tool_call(payload: str) -> tuple[str, bool]:
@@ -115,27 +157,30 @@ def format_rollout(rollout: dict) -> Text:
     correct = rollout.get("correct") if rollout.get("correct") in (True, False) else None
     text = _header(rollout)
     messages = [m for m in rollout.get("messages") or [] if isinstance(m, dict)]
+    sizes = image_sizes(rollout)
+    bodies = [message_text(message, sizes).strip() for message in messages]  # sizes go in order of appearance
     first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
-    question = rollout.get("question") or (message_text(messages[first_user]) if first_user is not None else "")
+    question = bodies[first_user] if first_user is not None else ""
+    if rollout.get("question") and not (first_user is not None and _IMAGE_MARK.search(question)):
+        question = str(rollout["question"])
     if question:
         text.append("\nQ ", ROLE_STYLE)
-        text.append(str(question).strip())
-    for index, message in enumerate(messages):
+        _append_with_images(text, question.strip())
+    for index, (message, body) in enumerate(zip(messages, bodies)):
         role = message.get("role")
         if role == "system" or index == first_user:
             continue
-        body = message_text(message).strip()
         if role == "tool":
             if len(body) > MAX_TOOL_RESULT_CHARS:
                 body = body[:MAX_TOOL_RESULT_CHARS] + " …"
             text.append("\ntool ↳ ", f"{ROLE_STYLE} {TOOL_RESULT_STYLE}")
-            text.append(body, TOOL_RESULT_STYLE)
+            _append_with_images(text, body, TOOL_RESULT_STYLE)
         elif role == "assistant":
             text.append("\nassistant ", ROLE_STYLE)
             text.append_text(_assistant_text(body, correct))
         else:
             text.append(f"\n{role} ", ROLE_STYLE)
-            text.append(body)
+            _append_with_images(text, body)
     return text
 
 
