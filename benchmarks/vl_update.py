@@ -64,10 +64,11 @@ def main() -> None:
                 rows.append(prompt + tail)
                 images.append(row["images"])
                 prompt_lens.append(len(prompt))
-        input_ids = torch.tensor(rows)
-        attention_mask = torch.ones_like(input_ids)
+        width = max(len(row) for row in rows)  # right-padded, as the trainer collates rollouts
+        input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
         lens = torch.tensor(prompt_lens)
-        trained = torch.arange(input_ids.shape[1])[None] >= lens[:, None]
+        trained = (torch.arange(input_ids.shape[1])[None] >= lens[:, None]) & (attention_mask > 0)
 
         def plain():
             logp, _ = token_logprobs(model, input_ids, attention_mask, vision=vision, images=images)
