@@ -194,7 +194,10 @@ def test_eight_concurrent_requests_are_all_answered_and_share_backend_calls(clie
     contents = [reply.choices[0].message.content for reply in replies]
     assert contents[:4] == ["<answer>391</answer>"] * 4
     assert all(len(reply.model_extra["metis"]["tool_calls"]) == 1 for reply in replies)
-    assert gated.calls[:2] == [1, 7], f"the queued turns should run as one backend call: {gated.calls}"
+    # The first call takes what had arrived (usually 1 request, 2 when two arrive together under load);
+    # everything queued while it held the model runs as the second call.
+    assert len(gated.calls) >= 2 and sum(gated.calls[:2]) == 8, \
+        f"the queued turns should run as one backend call: {gated.calls}"
 
 
 def test_a_client_that_leaves_a_stream_stops_its_request(server):

@@ -319,8 +319,9 @@ class SftStage:
                     with sft_batch.routing(self.model, inputs):  # also for backward (checkpointing recomputes)
                         loss_sum, _ = sft_batch.loss_sum(self.model, inputs, self.vision)
                         (loss_sum * scale / max(tokens, 1)).backward()
-                    total += float(loss_sum.detach()) if scale else 0.0
-                (total,) = all_reduce_sum(self.dist, [total])
+                    if scale:  # summed on the device, read once per step: one sync, not one per micro-batch
+                        total = total + loss_sum.detach().double()
+                (total,) = all_reduce_sum(self.dist, [float(total)])
                 lr = self.scheduler.get_last_lr()[0]
                 stats = self.weights.step(self.cfg.grad_clip)
                 self.scheduler.step()

@@ -33,6 +33,7 @@ import contextvars
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -159,9 +160,9 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     def grid(x, index, width):  # [1, H, N, D] -> [S, H, width, D]
         return x[0].index_select(1, index).view(heads, rows, width, dim).transpose(0, 1)
 
-    out = F.scaled_dot_product_attention(grid(query, layout.queries, layout.width), grid(key, layout.keys, layout.depth),
-                                         grid(value, layout.keys, layout.depth), attn_mask=layout.mask,
-                                         dropout_p=dropout, scale=scaling)
+    queries = grid(query, layout.queries, layout.width)
+    keys, values = grid(key, layout.keys, layout.depth), grid(value, layout.keys, layout.depth)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.mask, dropout_p=dropout, scale=scaling)
     out = out.transpose(1, 2).reshape(rows * layout.width, heads, dim).index_select(0, layout.order)
     return out[None], None
 
@@ -237,42 +238,39 @@ def collate_padded(rows: list, pad_id: int, device):
 def loss_sum(model, batch, vision=None) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy of the batch's targets, their count) for a batch from `build`; run it
     inside `routing(model, batch)`."""
+    losses = _target_losses(model, batch, vision, reduction="sum")
+    count = batch.targets.numel() if isinstance(batch, PackedRows) else (batch[2][:, 1:] != -100).sum()
+    return losses, int(count)
+
+
+def token_losses(model, rows: list, *, packing: bool, pad_id: int, device) -> torch.Tensor:
+    """Per-target losses of `rows` (row by row, target by target, in either layout), without
+    gradient: what `check_packing` and the tests compare between layouts."""
+    batch = build(rows, packing=packing, pad_id=pad_id, device=device)
+    with torch.no_grad(), routing(model, batch):
+        return _target_losses(model, batch, None, reduction="none")
+
+
+def _target_losses(model, batch, vision, *, reduction: str) -> torch.Tensor:
     if isinstance(batch, PackedRows):
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                        logits_to_keep=batch.keep).logits[0]
-        return F.cross_entropy(logits.float(), batch.targets, reduction="sum"), int(batch.targets.numel())
+        return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
     from metis_cli.train.vision_rows import forward_inputs
 
     input_ids, attention, labels, rows = batch
     images = forward_inputs(vision, model, input_ids, attention, rows)  # {} for text rows
     logits = model(input_ids=input_ids, attention_mask=attention, **images).logits[:, :-1]
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    return loss, int((targets != -100).sum())
-
-
-def token_losses(model, rows: list, *, packing: bool, pad_id: int, device) -> torch.Tensor:
-    """Per-target losses of `rows` in the order of `pack_rows` (row by row, target by target),
-    without gradient: what `check_packing` and the tests compare between layouts."""
-    with torch.no_grad():
-        if packing:
-            batch = pack_rows(rows, device)
-            with packed_attention(model, batch.layout):
-                logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                               logits_to_keep=batch.keep).logits[0]
-            return F.cross_entropy(logits.float(), batch.targets, reduction="none")
-        input_ids, attention, labels, _ = collate_padded(rows, pad_id, device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        chosen = targets != -100  # row-major: row by row, target by target
-        return F.cross_entropy(logits[chosen], targets[chosen], reduction="none")
+    targets = labels[:, 1:].reshape(-1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=-100,
+                             reduction=reduction)
+    return losses if reduction == "sum" else losses[targets != -100]
 
 
 def check_packing(model, rows: list, *, pad_id: int, device) -> str | None:
     """None when the packed layout reproduces the padded one's per-token losses on `rows` (the
     first `CHECK_ROWS` text rows), else why not (packing is then turned off)."""
-    rows = [row for row in rows if is_packable(row) and _targets(*row)][:CHECK_ROWS]
+    rows = list(islice((row for row in rows if is_packable(row) and _targets(*row)), CHECK_ROWS))
     if len(rows) < 2:
         return None
     was_training = model.training
