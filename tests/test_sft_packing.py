@@ -127,6 +127,8 @@ def test_sft_trains_alike_packed_and_padded_and_resumes_identically(tmp_path):
     os.chdir(REPO)
     packed = _sft(tmp_path / "packed")
     padded = _sft(tmp_path / "padded", "--set", "sft.packing=false")
+    done = {name: json.loads((tmp_path / name / "sft" / "DONE.json").read_text()) for name in ("packed", "padded")}
+    assert done["packed"]["packing"] is True and done["padded"]["packing"] is False
     steps = [r["step"] for r in packed]
     assert steps == [r["step"] for r in padded] and len(steps) >= 9
     for a, b in zip(packed, padded):

@@ -384,7 +384,8 @@ class SftStage:
             final = save_model_folder(self.model, self.tokenizer, self.stage_dir / "final", merge_lora=merge)
         run_on_main(self.dist, lambda: mark_done(self.stage_dir, {
             "steps": self.step, "loss": self.last_loss, "eval_loss": self.last_eval_loss,
-            "dropped_too_long": self.dropped_too_long, "final": str(final), "world_size": self.dist.world_size,
+            "dropped_too_long": self.dropped_too_long, "packing": self.packing, "final": str(final),
+            "world_size": self.dist.world_size,
             "inputs": stage_inputs(self.recipe, "sft")}))
         return final
 
