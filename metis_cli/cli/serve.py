@@ -39,12 +39,12 @@ def serve(model: ServeModelOpt, recipe: ServeRecipeOpt = None, host: HostOpt = "
           api_key_env: ApiKeyEnvOpt = None, served_model_name: NameOpt = None, max_concurrent: ConcurrentOpt = 16,
           overrides: SetOpt = None) -> None:
     """Serve a model and its tools as an OpenAI-compatible API (POST /v1/chat/completions)."""
-    from metis_cli.cli.chat import _recipe
+    from metis_cli.cli.chat import recipe_or_defaults
 
     if overrides and recipe is None:
         raise MetisError("--set needs --recipe RECIPE (without one, serve uses the built-in settings)")
     api_key = _api_key(api_key_env)
-    loaded = _recipe(model, recipe, overrides)
+    loaded = recipe_or_defaults(model, recipe, overrides)
     from rich.console import Console
 
     from metis_cli.stages.serve import ServerSettings, serve as run_server

@@ -156,12 +156,8 @@ def cold_start_trajectories(n: int, seed: int, hard_share: float = 0.5, canvas_s
     """`n` conversations that zoom for everything (blind tool use): hard ones into the named
     corner, easy ones into the middle, then answer. The zoomed image is the second of the row's
     images, made by the same `zoom` the tool runs."""
-    subsets = _subsets(n, hard_share, random.Random(f"vl-cold-start-plan-{seed}"))
-    rng = random.Random(f"vl-cold-start-{seed}")
     rows = []
-    for index, subset in enumerate(subsets):
-        image, facts = draw_image(rng, canvas_size)
-        question, answer = _question_answer(subset, facts)
+    for row_id, subset, image, facts, question, answer in _planned("cold-start", n, seed, hard_share, canvas_size):
         bbox = corner_box(facts["corner"], canvas_size) if subset == "hard" else centre_box(canvas_size)
         zoomed, box = image_ops.zoom(image, bbox, min_pixels=zoom_pixels, max_pixels=zoom_pixels)
         turns = [
@@ -170,20 +166,14 @@ def cold_start_trajectories(n: int, seed: int, hard_share: float = 0.5, canvas_s
              "content": [{"type": "image"}, {"type": "text", "text": image_ops.zoom_text(box, 0, 1)}]},
             {"role": "assistant", "content": answer_text(answer)},
         ]
-        rows.append(_row(f"vl-cold-start-{seed}-{index}", subset, question, answer, [image, zoomed], turns))
+        rows.append(_row(row_id, subset, question, answer, [image, zoomed], turns))
     return rows
 
 
 def rl_prompts(n: int, seed: int, hard_share: float = 0.5, canvas_size: int = CANVAS_SIZE) -> list[dict]:
     """`n` RL prompts (system + user with the image), `hard_share` of them hard."""
-    subsets = _subsets(n, hard_share, random.Random(f"vl-rl-plan-{seed}"))
-    rng = random.Random(f"vl-rl-{seed}")
-    rows = []
-    for index, subset in enumerate(subsets):
-        image, facts = draw_image(rng, canvas_size)
-        question, answer = _question_answer(subset, facts)
-        rows.append(_row(f"vl-rl-{seed}-{index}", subset, question, answer, [image], []))
-    return rows
+    return [_row(row_id, subset, question, answer, [image], [])
+            for row_id, subset, image, _, question, answer in _planned("rl", n, seed, hard_share, canvas_size)]
 
 
 def eval_prompts(n_per_subset: int, seed: int, canvas_size: int = CANVAS_SIZE) -> list[dict]:
@@ -219,6 +209,19 @@ def write_set(rows: list[dict], path: str | Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return write_jsonl(written, path)
+
+
+def _planned(stream: str, n: int, seed: int, hard_share: float, canvas_size: int) -> list[tuple]:
+    """`n` drawn rows of the seeded `stream` ("cold-start", "rl") as (row id, subset, image, facts,
+    question, answer): which rows are hard comes from the stream's plan seed, the images, in row
+    order, from its own seed, so each generator's data depends only on its stream and seed."""
+    subsets = _subsets(n, hard_share, random.Random(f"vl-{stream}-plan-{seed}"))
+    rng = random.Random(f"vl-{stream}-{seed}")
+    planned = []
+    for index, subset in enumerate(subsets):
+        image, facts = draw_image(rng, canvas_size)
+        planned.append((f"vl-{stream}-{seed}-{index}", subset, image, facts, *_question_answer(subset, facts)))
+    return planned
 
 
 def _question_answer(subset: Subset, facts: dict) -> tuple[str, str]:

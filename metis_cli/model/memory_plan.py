@@ -16,9 +16,17 @@ Torch-free. The model's shape comes from its `config.json` (a local folder; a VL
   up, activation and product); with gradient checkpointing only each layer's input (h) is kept and
   one layer's activations are rebuilt at a time. Attention is taken as memory-efficient (no
   tokens x tokens matrix);
-- logits: the compute-dtype logits, their fp32 copy and the fp32 log-softmax kept for backward;
+- logits: the compute-dtype logits, their fp32 copy and the fp32 log-softmax kept for backward, of
+  at most `logit_chunk_positions` positions when `model.logits_budget_mib` makes the LM head run in
+  chunks (train/logit_chunks.py), else of every position of the micro-batch; hdpo micro-batches
+  hold at most `hdpo.micro_batch_tokens` tokens when that is set;
 - vLLM (hdpo with `rollout.backend: vllm`): `rollout.vllm.gpu_memory_utilization` of the GPU,
   held through the update (an engine with sleep mode frees most of it meanwhile);
+- the HF rollout copy (hdpo on N > 1 processes with `rollout.backend: hf`): each rank samples from
+  its own unsharded copy of the whole policy in the compute dtype (`stages/hdpo_dist.rollout_copy`),
+  held through the update; one process samples from the training model itself. Either way the HF
+  backend's KV cache: `rollout.batch_size` sequences of `rollout.max_total_tokens` at once (the
+  worst case; vLLM pages its cache inside its own share);
 - RUNTIME_OVERHEAD_GIB for the CUDA context and allocator slack.
 Estimates, not measurements: a run that lands within a few GiB of the limit may still not fit.
 """
@@ -38,6 +46,12 @@ RUNTIME_OVERHEAD_GIB = 2.0
 """CUDA context, NCCL buffers and allocator fragmentation: a rule of thumb."""
 GATHERED_LAYERS = 2
 """Decoder layers FSDP2 holds unsharded at once: the one computing and the one prefetched."""
+
+
+def logit_chunk_positions(vocab_size: int, budget_mib: float) -> int:
+    """Positions whose fp32 logits and their log-softmax fit in `budget_mib` MiB: the chunk the
+    LM head runs in (train/logit_chunks.py)."""
+    return max(1, int(budget_mib * 2**20 // (vocab_size * 4 * 2)))
 
 
 @dataclass(frozen=True)
@@ -201,14 +215,23 @@ def plan_stage(shape: ModelShape, recipe, stage: str, gpus: int, gpu_memory_gib:
         tokens = math.ceil(recipe.sft.batch_size / gpus) * recipe.sft.max_seq_len
     else:
         tokens = recipe.hdpo.micro_batch_size * recipe.rollout.max_total_tokens
+        if recipe.hdpo.micro_batch_tokens is not None:  # a longer single rollout still runs alone
+            tokens = min(tokens, max(recipe.hdpo.micro_batch_tokens, recipe.rollout.max_total_tokens))
     one_layer = shape.activation_values_per_token_layer * compute * tokens
     if recipe.run.distributed.gradient_checkpointing if checkpointing is None else checkpointing:
         rows["activations (ckpt)"] = (shape.num_layers * shape.hidden_size * compute * tokens + one_layer) / GIB
     else:
         rows["activations"] = shape.num_layers * one_layer / GIB
     logits_bytes = compute + 4 + (4 if compute != 4 else 0)  # a 4-byte compute dtype needs no fp32 copy
-    rows["logits"] = tokens * shape.vocab_size * logits_bytes / GIB
+    budget = recipe.model.logits_budget_mib
+    positions = tokens if budget is None else min(tokens, logit_chunk_positions(shape.vocab_size, budget))
+    rows["logits" if positions == tokens else "logits (chunked)"] = positions * shape.vocab_size * logits_bytes / GIB
     if stage == "hdpo" and recipe.rollout.backend == "vllm":
         rows["vLLM engine"] = recipe.rollout.vllm.gpu_memory_utilization * gpu_memory_gib
+    elif stage == "hdpo":
+        if gpus > 1:
+            rows["rollout copy (unsharded)"] = params * compute / GIB
+        kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * compute
+        rows["rollout KV cache (hf)"] = recipe.rollout.batch_size * recipe.rollout.max_total_tokens * kv_per_token / GIB
     rows["runtime overhead"] = RUNTIME_OVERHEAD_GIB
     return StagePlan(stage, tokens, rows)

@@ -12,6 +12,7 @@ ones tools returned inside the rollout.
 batch: `pixel_values` of every image of every row in row order, `image_grid_thw`, and
 `position_ids` [3, B, L] from the model's own `get_rope_index` (so padding on either side is
 handled the model's way); text-only batches get none (a 1-D position layout is then the same).
+`Vision.positions` gives those position ids alone, for a caller that feeds the pixels in pieces.
 
 Image features are computed once per image object (the prompt image of a group serves its G
 rollouts and every turn) and kept in a bounded cache.
@@ -123,20 +124,36 @@ class Vision:
         [3, B, L]; {} when no row has an image. `images[b]` are row b's images in order."""
         import torch
 
+        features, grid = self._checked_grid(input_ids, images)
+        if not features:
+            return {}
+        pixel_values = torch.cat([f.pixel_values for f in features]).to(input_ids.device)
+        dtype = next(model.parameters()).dtype
+        return {"pixel_values": pixel_values.to(dtype), "image_grid_thw": grid,
+                "position_ids": self.position_ids(model, input_ids, attention_mask, grid)}
+
+    def positions(self, model, input_ids, attention_mask, images: list[list]):
+        """`forward_inputs`'s position_ids [3, B, L] alone, without gathering pixel values; None
+        when no row has an image."""
+        features, grid = self._checked_grid(input_ids, images)
+        return self.position_ids(model, input_ids, attention_mask, grid) if features else None
+
+    def _checked_grid(self, input_ids, images: list[list]):
+        """(features of every image in row order, image_grid_thw [n, 3]); ([], None) without images.
+        A ModelError when the batch's image tokens do not match its images."""
+        import torch
+
         flat = [image for row in images for image in row]
         if not flat:
-            return {}
+            return [], None
         features = [self.features(image) for image in flat]
         grid = torch.tensor([f.grid_thw for f in features], dtype=torch.long, device=input_ids.device)
-        pixel_values = torch.cat([f.pixel_values for f in features]).to(input_ids.device)
         expected = sum(f.tokens for f in features)
         found = int((input_ids == self.image_token_id).sum())
         if found != expected:
             raise ModelError(f"the batch holds {found} image tokens but its {len(flat)} image(s) need {expected}; "
                              "image placeholders were not expanded (model/vision.py Vision.expand)")
-        dtype = next(model.parameters()).dtype
-        return {"pixel_values": pixel_values.to(dtype), "image_grid_thw": grid,
-                "position_ids": self.position_ids(model, input_ids, attention_mask, grid)}
+        return features, grid
 
     def position_ids(self, model, input_ids, attention_mask, grid):
         """[3, B, L] multimodal positions from the model's own `get_rope_index`."""

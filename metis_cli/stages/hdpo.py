@@ -34,7 +34,9 @@ weight sync) -> `StepMetrics` (one metrics.jsonl record; names in `telemetry.met
 
 Shape: `HdpoStage` with `setup()` (`_setup_model`, `_setup_engine`, `_setup_data`,
 `_setup_optimizer`, `_resume`), `train()` (`rollout_step`, `advantages`, `update`, `evaluate`),
-`save()`, `cleanup()`; `run()` wires them.
+`save()`, `cleanup()`; `run()` wires them. What is written to disk of the policy (`save`,
+`save_checkpoint`, `_resume`, the checkpoint before a stop for a fault) comes from
+`stages.hdpo_checkpoint`; the held-out eval and the saved rollout samples from `stages.hdpo_eval`.
 
 Several processes (`--nproc-per-node N`, torchrun; `stages.hdpo_dist`): each rolls out whole
 groups of its share of the prompts, every rank computes the step's advantages from the gathered
@@ -44,14 +46,13 @@ step), samples and final/ (one HF folder); checkpoints are sharded.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from metis_cli.errors import DataError
-from metis_cli.files import storage_errors, write_atomic
 from metis_cli.model.runtime import HDPO_STEP_SEED, derive_seed
+from metis_cli.stages.hdpo_checkpoint import HdpoCheckpoints
 
 
 @dataclass
@@ -64,7 +65,7 @@ class HdpoResult:
     eval_last: dict = field(default_factory=dict)
 
 
-class HdpoStage:
+class HdpoStage(HdpoCheckpoints):
     def __init__(self, recipe, *, resume: bool = False, overwrite: bool = False, quiet: bool = False):
         self.recipe, self.cfg = recipe, recipe.hdpo
         self.resume, self.overwrite, self.quiet = resume, overwrite, quiet
@@ -143,12 +144,14 @@ class HdpoStage:
     def _setup_engine(self) -> None:
         from metis_cli.agent.factory import build_agent, build_registry
         from metis_cli.rewards.batch import build_checker
+        from metis_cli.stages.hdpo_eval import HeldOutEval
 
         agent = build_agent(self.recipe, self.cfg.init_from, registry=build_registry(self.recipe),
                             field="hdpo.init_from", model=self.rollout_model, tokenizer=self.tokenizer)
         self.registry, self.backend, self.engine = agent.registry, agent.backend, agent.engine
         self.vision = agent.vision  # images of a vision-language policy (model/vision.py), else None
         self.checker = build_checker(self.recipe.reward)
+        self.held_out = HeldOutEval(self.eval_examples, self.dist, with_images=self.vision is not None)
         self._setup_guard()
 
     def _setup_guard(self) -> None:
@@ -165,35 +168,6 @@ class HdpoStage:
 
         self.weights = MasterWeights(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.optimizer = self.weights.optimizer
-
-    def _resume(self) -> None:
-        from metis_cli.train.checkpoint import is_sharded, latest_checkpoint, load_trainer_state
-        from metis_cli.model.runtime import set_rng_state
-        from metis_cli.stages.hdpo_dist import load_sharded
-
-        checkpoint = latest_checkpoint(self.stage_dir)
-        if checkpoint is None:
-            if self.metrics is not None:
-                self.metrics.truncate_after(-1)  # nothing was saved: every record, step 0's eval too, is redone
-            return
-        if self.dist.enabled or is_sharded(checkpoint):
-            state = load_sharded(checkpoint, self.model, self.optimizer, self.rollout_model, self.dist)
-            self.backend.update_weights(self.rollout_model)
-        else:
-            self._setup_model(str(checkpoint), field_name="checkpoint")
-            self.backend.update_weights(self.model)
-            self.engine.backend = self.backend
-            self._setup_optimizer()
-            state = load_trainer_state(checkpoint)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.weights.load_state_dict(state.get("master_weights"))
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        self.eval_history = state.get("eval_history", [])
-        if self.metrics is not None:
-            self.metrics.truncate_after(self.step)
-        if not self.quiet:
-            print(f"hdpo: resumed from {checkpoint} at step {self.step}/{self.cfg.steps}")
 
     # ------------------------------------------------------------------------------ step
     def rollout_step(self, examples):
@@ -231,6 +205,7 @@ class HdpoStage:
         figures = update_share(
             self.model, self.weights, rollouts, everyone or rollouts, batch, advantages, self.cfg, self.dist,
             pad_token_id=self.tokenizer.pad_token_id, temperature=self.recipe.rollout.temperature,
+            logits_budget_mib=self.recipe.model.logits_budget_mib,
             device=self.device, reference=self.reference, vision=self.vision,
         )
         if self.dist.enabled:
@@ -239,24 +214,18 @@ class HdpoStage:
         return figures
 
     def _images(self, examples) -> list[list] | None:
-        """Each example's images, read now (a vision-language policy; None for a text-only one)."""
+        """Each training prompt's images, read now (a vision-language policy; None for a text-only
+        one): a step's prompts change every step, so they are not kept (the held-out ones are)."""
         return [e.load_images() for e in examples] if self.vision is not None else None
 
     def evaluate(self) -> dict:
-        """Greedy pass over the held-out prompts; `eval/<subset>/<figure>` entries."""
-        from metis_cli.rewards.batch import score_rollouts, subset_summary
-        from metis_cli.stages.hdpo_dist import gather, place, share
+        """Greedy pass over the held-out prompts (`stages.hdpo_eval`); `eval/<subset>/<figure>` entries."""
         from metis_cli.stages.hdpo_step import eval_figures
 
-        if not self.eval_examples:
+        if not self.held_out.examples:
             return {}
-        mine = share(self.eval_examples, self.dist)  # on several processes each greedily answers its share
-        rollouts = place(self.engine.run([e.messages for e in mine], 1, greedy=True,
-                                         images=self._images(mine)), self.dist) if mine else []
-        scores = score_rollouts(rollouts, self.eval_examples, self.checker, self.recipe.reward,
-                                retries=self.cfg.unscored_retries)
-        rollouts, scores = gather(self.dist, rollouts, scores)
-        summary = subset_summary(rollouts, scores, self.eval_examples)
+        summary = self.held_out.summary(self.engine, self.checker, self.recipe.reward,
+                                        retries=self.cfg.unscored_retries)
         self.eval_history.append((self.step, summary))
         return eval_figures(summary)
 
@@ -265,6 +234,7 @@ class HdpoStage:
         from metis_cli.rewards.batch import rollout_figures
         from metis_cli.rewards.tool_economy import per_tool_figures
         from metis_cli.stages.hdpo_dist import first_fault, gather
+        from metis_cli.stages.hdpo_eval import save_samples
         from metis_cli.stages.hdpo_guard import JudgeFigures
         from metis_cli.stages.hdpo_step import StepMetrics, eval_line, sample_rows, step_prompts
         from metis_cli.telemetry import control
@@ -309,7 +279,7 @@ class HdpoStage:
                     step_metrics.eval = self.evaluate()
                     bar.log(eval_line(self.step, step_metrics.eval))
                 if samples and self.dist.is_main:
-                    self._save_samples(everyone, all_scores, examples, advantages, samples)
+                    save_samples(self.stage_dir, self.step, everyone, all_scores, examples, advantages, samples)
                 requests = broadcast_object(self.dist, control.pending(self.stage_dir) if self.dist.is_main else None)
                 if self.step % self.cfg.save_every == 0 or requests:
                     step_metrics.checkpoint = str(self.save_checkpoint())
@@ -330,66 +300,7 @@ class HdpoStage:
         if self.metrics is not None:
             self.metrics.append(record)
 
-    def _save_samples(self, rollouts, scores, examples, advantages, rows: list[int]) -> None:
-        from metis_cli.stages.hdpo_step import sample_record
-
-        folder = self.stage_dir / "rollouts"
-        with storage_errors(folder):
-            folder.mkdir(parents=True, exist_ok=True)
-        lines = [json.dumps(sample_record(self.step, i, rollouts, scores, advantages, examples)) for i in rows]
-        write_atomic(folder / f"step_{self.step:06d}.jsonl", "\n".join(lines) + "\n")
-
-    # ------------------------------------------------------------------------------- save
-    def save_checkpoint(self, rng: dict | None = None) -> Path:
-        """checkpoints/step_<step>/ with the trainer state; `rng`: the RNG state to resume with
-        (default: the current one)."""
-        from metis_cli.train.checkpoint import save_checkpoint, save_sharded_checkpoint
-        from metis_cli.model.runtime import rng_state
-
-        if self.dist.enabled:
-            state = {"rng": rng or rng_state(), "eval_history": self.eval_history}
-            return save_sharded_checkpoint(self.stage_dir, self.step, self.model, self.optimizer, state, self.dist)
-        state = {"optimizer": self.optimizer.state_dict(), "rng": rng or rng_state(), "eval_history": self.eval_history}
-        if self.weights.has_copies:
-            state["master_weights"] = self.weights.state_dict()
-        return save_checkpoint(self.stage_dir, self.step, self.model, self.tokenizer, state)
-
-    def _stop_for_fault(self, reason: str, rng_at_start: dict) -> None:
-        """Checkpoint the state before the failing step (nothing of it is trained), then stop with
-        an EndpointError (exit 2), so that --resume redoes the step once the service is back."""
-        from metis_cli.errors import EndpointError
-        from metis_cli.stages.hdpo_dist import stop_with
-        from metis_cli.train.checkpoint import latest_checkpoint
-
-        failing = self.step + 1
-        if self.step == 0:
-            saved = "nothing was trained yet"
-        else:
-            latest = latest_checkpoint(self.stage_dir)
-            same = latest is not None and latest.name == f"step_{self.step:06d}"
-            saved = f"{latest if same else self.save_checkpoint(rng=rng_at_start)} holds step {self.step}"
-        stop_with(self.dist, EndpointError(
-            f"hdpo stopped at step {failing}/{self.cfg.steps}: {reason}. Step {failing} was not trained; {saved}. "
-            "Bring the service back, then rerun the same command with --resume"))
-
-    def save(self) -> Path:
-        from metis_cli.telemetry.run import mark_done, stage_inputs
-        from metis_cli.train.checkpoint import save_gathered_model_folder, save_model_folder
-        from metis_cli.train.distributed import compute_dtype, run_on_main
-
-        final, merge = self.stage_dir / "final", self.recipe.model.lora.merge
-        if self.dist.enabled:  # rank 0 writes one HF folder from tensors gathered one at a time
-            save_gathered_model_folder(self.model, self.tokenizer, final, self.dist,
-                                       dtype=compute_dtype(self.recipe, self.device), merge_lora=merge)
-        else:
-            save_model_folder(self.model, self.tokenizer, final, merge_lora=merge)
-        first = self.eval_history[0][1] if self.eval_history else {}
-        last = self.eval_history[-1][1] if self.eval_history else {}
-        run_on_main(self.dist, lambda: mark_done(self.stage_dir, {
-            "steps": self.step, "estimator": self.cfg.estimator, "final": str(final), "eval_first": first,
-            "eval_last": last, "world_size": self.dist.world_size, "inputs": stage_inputs(self.recipe, "hdpo")}))
-        return final
-
+    # ---------------------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
         import gc
 

@@ -25,7 +25,8 @@ from torch import Tensor
 from metis_cli.agent.rollout import Rollout, RolloutBatch
 from metis_cli.algo.losses import hdpo_loss, kl_k3, masked_mean, micro_batch_norms
 from metis_cli.algo.types import Advantages
-from metis_cli.train.logprobs import grouped_token_logprobs, micro_batches_by_prompt, token_logprobs
+from metis_cli.train.logprobs import (DEFAULT_LOGITS_BUDGET_MIB, grouped_token_logprobs, micro_batches_by_prompt,
+                                      token_logprobs)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class MicroBatch:
     vision: object = None  # model/vision.py Vision of such a policy
     padding: bool = False  # a stand-in that trains nothing (several processes: `stages.hdpo_dist`)
     share_prompt: bool = True  # False: one plain forward, no prompt KV reuse (`stages.hdpo_dist`)
+    logits_budget_mib: float | None = DEFAULT_LOGITS_BUDGET_MIB  # LM head in chunks above it (train/logit_chunks.py)
 
     @property
     def tokens(self) -> float:
@@ -85,22 +87,25 @@ class MicroBatch:
         """(token log-probs [K, W], entropy [K, W] or None) of `policy` on these rows."""
         if not self.share_prompt:
             return token_logprobs(policy, self.input_ids, self.attention_mask, temperature=temperature,
-                                  with_entropy=with_entropy, vision=self.vision, images=list(self.images) or None)
+                                  with_entropy=with_entropy, vision=self.vision, images=list(self.images) or None,
+                                  logits_budget_mib=self.logits_budget_mib)
         return grouped_token_logprobs(policy, self.input_ids, self.attention_mask, self.prompt_lens,
                                       temperature=temperature, with_entropy=with_entropy,
-                                      vision=self.vision, images=list(self.images) or None)
+                                      vision=self.vision, images=list(self.images) or None,
+                                      logits_budget_mib=self.logits_budget_mib)
 
 
 def micro_batches(kept: list[Rollout], advantages: Advantages, size: int, *, pad_token_id: int,
-                  device, vision=None) -> list[MicroBatch]:
-    """The kept rollouts collated and cut into micro-batches of at most `size` rollouts that hold
-    whole groups, so each prompt runs once per micro-batch and its KV cache serves all of the
-    group's rollouts (`train.logprobs.micro_batches_by_prompt`)."""
+                  device, vision=None, max_tokens: int | None = None,
+                  logits_budget_mib: float | None = DEFAULT_LOGITS_BUDGET_MIB) -> list[MicroBatch]:
+    """The kept rollouts collated and cut into micro-batches of at most `size` rollouts (and
+    `max_tokens` padded tokens) that hold whole groups where they fit, so each prompt runs once per
+    micro-batch and its KV cache serves the group's rollouts (`train.logprobs.micro_batches_by_prompt`)."""
     batch = RolloutBatch.from_rollouts(kept, pad_token_id)
     prompt_lens = torch.tensor([r.prompt_len for r in kept])
     lengths = batch.attention_mask.sum(1)
     chunks = []
-    for rows in micro_batches_by_prompt(batch.group_ids, lengths, size):
+    for rows in micro_batches_by_prompt(batch.group_ids, lengths, size, max_tokens):
         width = int(lengths[rows].max())
 
         def cut(tensor: Tensor) -> Tensor:
@@ -111,6 +116,7 @@ def micro_batches(kept: list[Rollout], advantages: Advantages, size: int, *, pad
             cut(batch.sampler_logprobs), cut(advantages.acc),
             cut(advantages.tool) if advantages.tool is not None else None,
             tuple(kept[i].images for i in rows.tolist()) if vision is not None else (), vision,
+            logits_budget_mib=logits_budget_mib,
         ))
     return chunks
 
@@ -127,7 +133,8 @@ def mini_batch_rows(group_ids: Tensor, count: int, groups: Tensor | None = None)
 
 
 def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages, cfg, *, pad_token_id: int,
-                  temperature: float, device, reference=None, vision=None, scope=None) -> UpdateFigures:
+                  temperature: float, device, reference=None, vision=None, scope=None,
+                  logits_budget_mib: float | None = DEFAULT_LOGITS_BUDGET_MIB) -> UpdateFigures:
     """`cfg.ppo_epochs` x `cfg.mini_batches` PPO-clip optimizer steps on the `kept` rollouts (at least one).
 
     Args:
@@ -135,7 +142,8 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
             (clips to `cfg.grad_clip` and steps the fp32 masters).
         kept: the rollouts to train on, in group order; `advantages` holds one [K] entry per kept rollout.
         cfg: the recipe's `hdpo` section (w_acc, w_tool, clip_eps, dual_clip_c, kl_coef, ppo_epochs,
-            mini_batches, micro_batch_size, loss_agg, grad_clip).
+            mini_batches, micro_batch_size, micro_batch_tokens, loss_agg, grad_clip).
+        logits_budget_mib: `model.logits_budget_mib` (train/logit_chunks.py).
         temperature: the sampling temperature (log-probs are of the temperature-scaled policy).
         reference: the frozen initial policy for the k3 KL term, or None (no KL).
         vision: a vision-language policy's image handling (model/vision.py); rollouts keep their images.
@@ -145,7 +153,8 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
     """
     group_ids = torch.tensor([r.prompt_index for r in kept], dtype=torch.long)
     minis = [micro_batches([kept[i] for i in rows.tolist()], advantages.select(rows), cfg.micro_batch_size,
-                           pad_token_id=pad_token_id, device=device, vision=vision) if len(rows) else []
+                           pad_token_id=pad_token_id, device=device, vision=vision, max_tokens=cfg.micro_batch_tokens,
+                           logits_budget_mib=logits_budget_mib) if len(rows) else []
              for rows in mini_batch_rows(group_ids, cfg.mini_batches, None if scope is None else scope.kept_groups)]
     if scope is not None:  # the same micro-batches and forward passes on every process (FSDP collectives)
         minis = scope.align(minis)

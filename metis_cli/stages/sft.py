@@ -7,7 +7,8 @@ recipe: "knowledge" direct answers, then cold-start tool-use trajectories). Full
 LoRA, gradient accumulation, warmup + cosine/linear decay, held-out eval loss, atomic
 checkpoints, `--resume`. AdamW updates fp32 master weights (`train.optimizer`). A micro-batch
 becomes model inputs in `train.sft_batch`: packed into one padding-free sequence (`sft.packing`)
-or padded rows.
+or padded rows. What it trains on and in which order (rows, held-out split, the seeded
+micro-batch plan, each phase's LR schedule): `stages.sft_data`.
 
 Under torchrun (`--nproc-per-node N`) every rank plans the same global micro-batches and trains on
 its share of each (rows rank, rank + N, ...); FSDP2 reduces the gradients, so a step is the step
@@ -21,12 +22,12 @@ Shape: `SftStage(recipe, ...)` with `setup()` (`_setup_model`, `_setup_data`, `_
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from metis_cli.errors import DataError, RunFolderError
+from metis_cli.stages.sft_data import batch_plan, epoch_of, lr_factor, phase_bounds, tokenize_phases
 from metis_cli.telemetry import metrics as m
 
 
@@ -94,52 +95,12 @@ class SftStage:
         self.model.train()
 
     def _setup_data(self) -> None:
-        from metis_cli.data.chat import tokenize_runs
-        from metis_cli.data.sources import load_sources
-        from metis_cli.telemetry.progress import spinner
-
-        rng = random.Random(self.recipe.run.seed)
-        self.phases: list[list[tuple[list[int], list[int]]]] = []
-        self.eval_set: list[tuple[list[int], list[int]]] = []
-        self.dropped_too_long = 0
-        cache: dict[str, list[tuple[list[int], list[int]]]] = {}
-        with spinner("sft: tokenizing trajectories", quiet=self.quiet):
-            for p, phase in enumerate(self.cfg.phases):
-                examples = load_sources(phase.data, self.recipe, need_answer=False)
-                encoded = []
-                for example in examples:
-                    conversation = example.trajectory or example.messages
-                    if not any(m["role"] == "assistant" for m in conversation):
-                        raise DataError(f"sft.phases[{p}]: example {example.id} has no assistant turn to train on")
-                    tools = self._tool_specs(conversation)
-                    if example.images:
-                        rows = self._image_rows(example, conversation, tools, p)
-                    else:
-                        key = repr((conversation, bool(tools)))
-                        if key not in cache:
-                            cache[key] = tokenize_runs(self.tokenizer, conversation, tools)
-                        rows = cache[key]
-                    for row in rows:  # one sequence unless the template re-renders at a new question
-                        if len(row[0]) > self.cfg.max_seq_len:
-                            self.dropped_too_long += 1
-                            continue
-                        encoded.append(tuple(row))
-                rng.shuffle(encoded)
-                n_eval = int(len(encoded) * self.cfg.eval_share)
-                self.eval_set += encoded[:n_eval]
-                self.phases.append(encoded[n_eval:])
-        self.plan = self._batch_plan()
+        """Rows per phase, the held-out rows, the micro-batch plan and each phase's steps (stages/sft_data.py)."""
+        self.phases, self.eval_set, self.dropped_too_long = tokenize_phases(
+            self.recipe, self.tokenizer, self.vision, quiet=self.quiet)
+        self.plan = batch_plan(self.cfg, self.phases, self.recipe.run.seed)
         self.total_steps = math.ceil(len(self.plan) / self.cfg.grad_accum)
-
-    def _image_rows(self, example, conversation, tools, phase: int) -> list[tuple]:
-        """(ids, mask, images) rows of an example with images (train/vision_rows.py)."""
-        from metis_cli.train.vision_rows import tokenize_with_images
-
-        if self.vision is None:
-            raise DataError(f"sft.phases[{phase}]: example {example.id} has images, but sft.init_from "
-                            f"({self.cfg.init_from}) is a text-only model; use a vision-language model")
-        return tokenize_with_images(self.tokenizer, self.vision, conversation, tools, example.load_images(),
-                                    where=f"sft.phases[{phase}] example {example.id!r}")
+        self.bounds = phase_bounds(self.plan, len(self.phases), self.cfg.grad_accum)
 
     def _setup_packing(self) -> None:
         """`sft.packing`, once the packed layout is shown to give this model's padded losses."""
@@ -156,35 +117,6 @@ class SftStage:
                 if not self.quiet:
                     sft_batch.warn_unpacked(reason, self.cfg.init_from)
 
-    def _tool_specs(self, conversation) -> list[dict] | None:
-        """Tools are rendered for conversations that use them (as at rollout time)."""
-        if not hasattr(self, "_specs"):
-            from metis_cli.agent.tools.registry import ToolRegistry
-
-            self._specs = ToolRegistry.from_config(self.recipe.tools).specs()
-        return self._specs or None
-
-    def _batch_plan(self) -> list[tuple[int, list[int]]]:
-        """Every micro-batch of the run as (phase, example indices), fixed by the seed, so a
-        resumed run skips exactly the batches already trained."""
-        from metis_cli.model.runtime import SFT_PHASE_ORDER_SEED, derive_seed
-
-        plan: list[tuple[int, list[int]]] = []
-        size = self.cfg.batch_size
-        for p, (phase, data) in enumerate(zip(self.cfg.phases, self.phases)):
-            n = len(data)
-            if n == 0:
-                raise DataError(f"sft.phases[{p}]: no examples left (all longer than sft.max_seq_len?)")
-            order: list[int] = []
-            rng = random.Random(derive_seed(SFT_PHASE_ORDER_SEED, self.recipe.run.seed, p))
-            for _ in range(math.ceil(phase.epochs)):
-                epoch = list(range(n))
-                rng.shuffle(epoch)
-                order += epoch
-            order = order[: round(phase.epochs * n)]
-            plan += [(p, order[i : i + size]) for i in range(0, len(order), size)]
-        return plan
-
     def _setup_optimizer(self) -> None:
         import torch
 
@@ -194,35 +126,11 @@ class SftStage:
         self.optimizer = self.weights.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
-    def _phase_bounds(self) -> list[tuple[int, int]]:
-        """(first optimizer step, step count) of each phase."""
-        bounds, start = [], 0
-        for p in range(len(self.phases)):
-            micro = sum(1 for phase, _ in self.plan if phase == p)
-            steps = math.ceil(micro / self.cfg.grad_accum)
-            bounds.append((start, steps))
-            start += steps
-        return bounds
-
     def _lr_factor(self, step: int) -> float:
-        """Each phase gets its own warmup and decay, as if it were a fine-tuning run of its own
-        on the weights the previous phase left (a knowledge phase's decayed LR would otherwise
-        starve the cold-start phase)."""
-        if not hasattr(self, "_bounds"):
-            self._bounds = self._phase_bounds()
-        for start, steps in self._bounds:
-            if step < start + steps or (start, steps) == self._bounds[-1]:
-                break
-        local, steps = step - start, max(steps, 1)
-        warmup = int(self.cfg.warmup_ratio * steps)
-        if local < warmup:
-            return (local + 1) / (warmup + 1)
-        progress = min(1.0, (local - warmup) / max(1, steps - warmup))
-        if self.cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.cfg.schedule == "linear":
-            return 1.0 - progress
-        return 1.0
+        """Each phase warms up and decays on its own (stages/sft_data.py `lr_factor`). Kept a
+        method: LambdaLR's state_dict stores a method's (empty) __dict__, a function's as None,
+        so checkpoints stay as they were."""
+        return lr_factor(step, self.bounds, self.cfg.warmup_ratio, self.cfg.schedule)
 
     def _resume(self) -> None:
         from metis_cli.train.checkpoint import is_sharded, latest_checkpoint, load_sharded_checkpoint, load_trainer_state
@@ -328,9 +236,10 @@ class SftStage:
                 self.step += 1
                 self.last_loss = total / max(tokens, 1)
                 step_s = time.time() - step_start
+                epoch = epoch_of(self.step, self.plan, self.phases, grad_accum=accum, batch_size=self.cfg.batch_size)
                 record = {  # names: telemetry/metrics.py
                     m.STAGE: "sft", m.STEP: self.step, m.TOTAL_STEPS: self.total_steps,
-                    m.EPOCH: self._epoch_of(self.step), m.PHASE: micro[0][0], m.LOSS: self.last_loss,
+                    m.EPOCH: epoch, m.PHASE: micro[0][0], m.LOSS: self.last_loss,
                     m.LR: lr, m.TOKENS_PER_S: tokens / max(step_s, 1e-9), m.STEP_S: step_s,
                     m.ELAPSED_S: time.time() - started, m.TIME: time.time(),
                     m.GRAD_NORM: stats.grad_norm, m.UPDATE_RMS: stats.update_rms, m.WORLD_SIZE: self.dist.world_size,
@@ -349,13 +258,6 @@ class SftStage:
                     bar.log(f"sft: stopped at step {self.step} on request; resume with --resume")
                     self.stopped = True
                     return
-
-    def _epoch_of(self, step: int) -> float:
-        micro_index = min(step * self.cfg.grad_accum, len(self.plan)) - 1
-        phase = self.plan[micro_index][0]
-        before = sum(1 for p, _ in self.plan[:micro_index + 1] if p == phase)
-        per_epoch = math.ceil(len(self.phases[phase]) / self.cfg.batch_size)
-        return round(before / per_epoch, 3)
 
     # ------------------------------------------------------------------------------- save
     def save_checkpoint(self) -> Path:

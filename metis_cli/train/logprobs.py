@@ -21,13 +21,22 @@ returned inside the rollouts, each with its slice of those positions.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from metis_cli.train import logit_chunks
+
+DEFAULT_LOGITS_BUDGET_MIB = 1024.0
+"""fp32 logits a pass may hold at once before its LM head runs in chunks (train/logit_chunks.py);
+None: never chunk."""
+_base_model = logit_chunks.base_model  # the transformers model under a peft wrapper
+
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                   temperature: float = 1.0, with_entropy: bool = False, vision=None, images=None):
+                   temperature: float = 1.0, with_entropy: bool = False, vision=None, images=None,
+                   logits_budget_mib: float | None = DEFAULT_LOGITS_BUDGET_MIB):
     """Log-prob of every token given its prefix.
 
     Args: input_ids, attention_mask: [N, L].
@@ -35,14 +44,22 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     column 0 is 0 (no prefix); entropy [N, L] of the same distributions (or None).
     """
     extra = vision.forward_inputs(model, input_ids, attention_mask, images) if vision is not None and images else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, :-1]
-    picked, entropy = _pick(logits, input_ids[:, 1:], temperature, with_entropy)
+    chunk = logit_chunks.chunk_for(model, input_ids.numel(), logits_budget_mib)
+    if chunk:  # the last position predicts nothing: target 0, dropped below
+        targets = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
+        with logit_chunks.chunked_head(model, targets, temperature=temperature, with_entropy=with_entropy, chunk=chunk):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, :-1]
+        picked, entropy = logit_chunks.split(out, with_entropy)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, :-1]
+        picked, entropy = _pick(logits, input_ids[:, 1:], temperature, with_entropy)
     zeros = torch.zeros_like(picked[:, :1])
     return torch.cat([zeros, picked], dim=1), (torch.cat([zeros, entropy], dim=1) if with_entropy else None)
 
 
 def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
-                           *, temperature: float = 1.0, with_entropy: bool = False, vision=None, images=None):
+                           *, temperature: float = 1.0, with_entropy: bool = False, vision=None, images=None,
+                           logits_budget_mib: float | None = DEFAULT_LOGITS_BUDGET_MIB):
     """`token_logprobs` on the continuation tokens, running each distinct prompt once.
 
     Rows whose first `prompt_lens` tokens are identical share one prompt pass (rows are grouped by
@@ -72,7 +89,7 @@ def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     split = _split_images(vision, input_ids, prompt_lens, images) if vision is not None else None
     prompt_of_row, prompts = _distinct_prompts(input_ids, prompt_lens, None if split is None else split[0])
     continuation_width = int((lengths - prompt_lens).max())
-    plain = {"vision": vision, "images": images}
+    plain = {"vision": vision, "images": images, "logits_budget_mib": logits_budget_mib}
     if len(prompts) == rows or continuation_width == 0 or not _shares_prompts(model):
         return _plain_continuations(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy, plain)
     prompt_extra, rest_extra = {}, {}
@@ -107,10 +124,14 @@ def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     picked, entropy = first, first_entropy
     if continuation_width > 1:
         rest_positions = rest_extra.pop("position_ids", columns[:, :-1])
-        rest_logits = model(input_ids=continuation_ids[:, :-1], attention_mask=torch.cat(
-                                [prompt_mask[prompt_of_row], continuation_mask[:, :-1]], dim=1),
-                            position_ids=rest_positions, past_key_values=cache, use_cache=True, **rest_extra).logits
-        rest, rest_entropy = _pick(rest_logits, continuation_ids[:, 1:], temperature, with_entropy)
+        chunk = logit_chunks.chunk_for(model, continuation_ids[:, 1:].numel(), logits_budget_mib)
+        with (logit_chunks.chunked_head(model, continuation_ids[:, 1:], temperature=temperature,
+                                        with_entropy=with_entropy, chunk=chunk) if chunk else nullcontext()):
+            rest_out = model(input_ids=continuation_ids[:, :-1], attention_mask=torch.cat(
+                                 [prompt_mask[prompt_of_row], continuation_mask[:, :-1]], dim=1),
+                             position_ids=rest_positions, past_key_values=cache, use_cache=True, **rest_extra).logits
+        rest, rest_entropy = (logit_chunks.split(rest_out, with_entropy) if chunk else
+                              _pick(rest_out, continuation_ids[:, 1:], temperature, with_entropy))
         picked = torch.cat([first, rest], dim=1)
         entropy = torch.cat([first_entropy, rest_entropy], dim=1) if with_entropy else None
 
@@ -123,29 +144,39 @@ def grouped_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     return place(picked), (place(entropy) if with_entropy else None)
 
 
-def micro_batches_by_prompt(group_ids: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+def micro_batches_by_prompt(group_ids: torch.Tensor, lengths: torch.Tensor, size: int,
+                            max_tokens: int | None = None) -> list[torch.Tensor]:
     """Row indices of micro-batches of at most `size` rows that keep groups (rows with one
     group id) together, so `grouped_token_logprobs` runs each prompt once per micro-batch.
 
+    With `max_tokens`, a micro-batch also holds at most that many padded tokens (its rows x its
+    longest row), as verl's token-budget micro-batches do: short rollouts share a forward, long
+    ones get one of their own (a single row longer than the budget still runs, alone).
     Groups are taken longest first (micro-batches of similar length pad less) and packed whole;
-    a group larger than `size` is cut into pieces of `size` rows.
+    a group larger than `size` (or than the budget allows) is cut into pieces.
     Args: group_ids, lengths: [N]. Returns: list of [n_b] long tensors covering every row once.
     """
     pieces = []
     for group in group_ids.unique():
         rows = (group_ids == group).nonzero().squeeze(-1)
         rows = rows[torch.argsort(lengths[rows], descending=True)]
-        pieces += list(rows.split(size))
+        pieces += list(rows.split(_rows_that_fit(size, max_tokens, int(lengths[rows].max()))))
     pieces.sort(key=lambda piece: -int(lengths[piece].max()))
     batches, current = [], []
     for piece in pieces:
-        if current and sum(len(p) for p in current) + len(piece) > size:
+        count = sum(len(p) for p in current) + len(piece)
+        if current and count > _rows_that_fit(size, max_tokens, int(lengths[current[0]].max())):
             batches.append(torch.cat(current))
             current = []
         current.append(piece)
     if current:
         batches.append(torch.cat(current))
     return batches
+
+
+def _rows_that_fit(size: int, max_tokens: int | None, longest: int) -> int:
+    """Rows of `longest` tokens a micro-batch may hold: `size`, fewer under `max_tokens`, >= 1."""
+    return size if max_tokens is None else max(1, min(size, max_tokens // max(longest, 1)))
 
 
 def _pick(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
@@ -200,8 +231,9 @@ def _vision_passes(model, vision, input_ids, attention_mask, prompt_lens, prompt
     continuation pass, the positions cut from the full rows' own (module docstring)."""
     prompt_images, continuation_images = split
     all_images = [p + c for p, c in zip(prompt_images, continuation_images)]
-    full = vision.forward_inputs(model, input_ids, attention_mask, all_images)
-    positions = full["position_ids"] if full else (attention_mask.cumsum(1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+    positions = vision.positions(model, input_ids, attention_mask, all_images)
+    if positions is None:
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)[None].expand(3, -1, -1)
     # Prompt pass: the first row of each distinct prompt stands for it; left-padded like the tokens.
     first_row = [prompt_of_row.tolist().index(number) for number in range(len(prompts))]
     prompt_width = max(len(p) for p in prompts)
@@ -227,12 +259,6 @@ def _pixels(model, vision, images: list[list], device) -> dict:
     dtype = next(model.parameters()).dtype
     return {"pixel_values": torch.cat([f.pixel_values for f in features]).to(device, dtype),
             "image_grid_thw": torch.tensor([f.grid_thw for f in features], dtype=torch.long, device=device)}
-
-
-def _base_model(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _accepts(model, argument: str) -> bool:

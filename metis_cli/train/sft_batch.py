@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from metis_cli.errors import ModelError
+from metis_cli.train import logit_chunks
 
 ATTENTION_NAME = "metis_packed"
 CHECK_ROWS = 8
@@ -252,19 +253,40 @@ def token_losses(model, rows: list, *, packing: bool, pad_id: int, device) -> to
 
 
 def _target_losses(model, batch, vision, *, reduction: str) -> torch.Tensor:
+    from metis_cli.train.logprobs import DEFAULT_LOGITS_BUDGET_MIB
+
     if isinstance(batch, PackedRows):
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                       logits_to_keep=batch.keep).logits[0]
-        return F.cross_entropy(logits.float(), batch.targets, reduction=reduction)
+        chunk = logit_chunks.chunk_for(model, batch.targets.numel(), DEFAULT_LOGITS_BUDGET_MIB)
+        with _chunked(model, batch.targets[None], chunk):
+            out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                        logits_to_keep=batch.keep).logits[0]
+        if chunk:  # the head gave each target's log-prob (train/logit_chunks.py)
+            losses = -out[:, 0]
+            return losses.sum() if reduction == "sum" else losses
+        return F.cross_entropy(out.float(), batch.targets, reduction=reduction)
     from metis_cli.train.vision_rows import forward_inputs
 
     input_ids, attention, labels, rows = batch
     images = forward_inputs(vision, model, input_ids, attention, rows)  # {} for text rows
+    chunk = logit_chunks.chunk_for(model, input_ids.numel(), DEFAULT_LOGITS_BUDGET_MIB)
+    if chunk:
+        shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        with _chunked(model, shifted.clamp(min=0), chunk):
+            logp = model(input_ids=input_ids, attention_mask=attention, **images).logits[..., 0]
+        losses = -logp[shifted != -100]
+        return losses.sum() if reduction == "sum" else losses
     logits = model(input_ids=input_ids, attention_mask=attention, **images).logits[:, :-1]
     targets = labels[:, 1:].reshape(-1)
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, ignore_index=-100,
                              reduction=reduction)
     return losses if reduction == "sum" else losses[targets != -100]
+
+
+def _chunked(model, targets: torch.Tensor, chunk: int):
+    """The LM head in chunks of `chunk` positions for `targets` (train/logit_chunks.py), or no change for 0."""
+    if not chunk:
+        return nullcontext()
+    return logit_chunks.chunked_head(model, targets, temperature=1.0, with_entropy=False, chunk=chunk)
 
 
 def check_packing(model, rows: list, *, pad_id: int, device) -> str | None:
