@@ -110,6 +110,28 @@ def test_tensorboard_gets_every_numeric_field_the_recipe_and_the_rollouts(tmp_pa
     assert [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
+VL_ROLLOUT = {**ROLLOUT, "question": "What colour is the mark?", "images": [[256, 256], [64, 64]], "messages": [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the mark?"}]},
+    {"role": "assistant", "content": '<tool_call>{"name": "zoom_in", "arguments": {}}</tool_call>'},
+    {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": "Zoomed in."}]},
+    {"role": "assistant", "content": "<answer>red</answer>"}]}
+
+
+def test_image_parts_of_a_rollout_reach_tensorboard_as_their_sizes_not_a_repr(tmp_path):
+    announce(tmp_path, ["tensorboard"])
+    stage_dir = tmp_path / "run" / "hdpo"
+    log = MetricsLog(stage_dir / "metrics.jsonl")
+    log.append(RECORDS[0])
+    (stage_dir / "rollouts").mkdir()
+    (stage_dir / "rollouts" / "step_000001.jsonl").write_text(json.dumps(VL_ROLLOUT) + "\n")
+    for record in RECORDS[1:]:
+        log.append(record)
+    [text] = tb_text(tensorboard_events(stage_dir / "tensorboard"), "rollouts").values()
+    assert "**user**: [image 256x256] What colour is the mark?" in text
+    assert "**tool**: [image 64x64] Zoomed in." in text  # sizes follow the order of appearance
+    assert "'type'" not in text and "{" not in text.split("**tool**")[1]
+
+
 def test_wandb_offline_gets_the_rows_the_config_and_a_rollout_table(tmp_path, offline_wandb):
     announce(tmp_path, ["wandb"])
     stage_dir = tmp_path / "run" / "hdpo"

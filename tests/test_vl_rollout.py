@@ -206,7 +206,7 @@ def test_vllm_generates_with_images_like_the_hf_backend(vl_dir, vl_model, tokeni
                for m, i in zip(messages, images)]
     params = SamplingParams(6, 1.0, 1.0, stop_token_ids=[], greedy=True)
     expected = [g.token_ids for g in HFBackend(vl_model, tokenizer, vision=vision).generate(prompts, params, images=images)]
-    backend = VllmBackend.from_recipe(recipe, model_path=str(vl_dir), tokenizer=tokenizer)
+    backend = VllmBackend.from_recipe(recipe, model_path=str(vl_dir), tokenizer=tokenizer, vision=vision)
     try:
         assert [g.token_ids for g in backend.generate(prompts, params, images=images)] == expected
     finally:

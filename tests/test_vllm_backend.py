@@ -159,6 +159,30 @@ def test_generation_stops_at_a_stop_id_and_at_the_context_limit(backend, model_d
 
 
 @pytest.mark.vllm
+def test_banned_token_ids_are_never_sampled(backend, model_dir, tokenizer):
+    """How a vision-language policy's image pads and vision start/end tokens are kept out of its
+    rollouts (Vision.special_token_ids): greedy picks its second choice, sampling never draws one."""
+    from metis_cli.agent.vllm_backend import VllmBackend
+
+    backend.update_weights(_fresh_model(model_dir))
+    prompt = tokenizer.encode("What is 3 + 4?")
+
+    def banning(ids):  # the shared engine, with a ban (a second engine cannot start in this process)
+        return VllmBackend(backend.llm, max_model_len=backend.max_model_len, logprobs_mode=backend.logprobs_mode,
+                           banned_token_ids=ids)
+
+    first = _greedy(backend, tokenizer, [prompt], max_new_tokens=4)[0][0]
+    banned_greedy = _greedy(banning([first]), tokenizer, [prompt], max_new_tokens=4)[0]
+    assert banned_greedy[0] != first and first not in banned_greedy
+    half = list(range(0, len(tokenizer), 2))  # half the vocabulary: 64 free draws hit it surely
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0, stop_token_ids=[], seed=0)
+    free = {token for g in backend.generate([prompt] * 4, params) for token in g.token_ids}
+    assert free & set(half)
+    banned = banning(half).generate([prompt] * 4, params)
+    assert all(len(g.token_ids) == 16 and not set(g.token_ids) & set(half) for g in banned)
+
+
+@pytest.mark.vllm
 def test_sampler_logprobs_match_the_trainers_recomputed_ones(backend, engine_pair, model_dir):
     """hdpo logs this very figure as `logprob_mismatch`; in float32 the two sides must agree."""
     model = _fresh_model(model_dir)

@@ -118,7 +118,7 @@ def build_backend(recipe, model, tokenizer, *, model_path: str | None = None,
     if (backend or recipe.rollout.backend) == "vllm":
         from metis_cli.agent.vllm_backend import VllmBackend
 
-        return VllmBackend.from_recipe(recipe, model_path=model_path, tokenizer=tokenizer)
+        return VllmBackend.from_recipe(recipe, model_path=model_path, tokenizer=tokenizer, vision=vision)
     from metis_cli.agent.hf_backend import HFBackend
 
     return HFBackend(model, tokenizer, batch_size=recipe.rollout.batch_size, stream=token_stream, vision=vision)

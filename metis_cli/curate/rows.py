@@ -6,6 +6,11 @@ reason); `detail` says what exactly was wrong with this row. Filters that let a 
 without checking it (e.g. necessity on a trajectory that calls no tool) leave a `note`.
 Provenance (`filters` that ran, pass rates) travels with a kept row into the curated output
 under the `curation` key, which the dataset loader keeps in `Example.meta`.
+
+Rows with images: contents keep their `{"type": "text"}` / `{"type": "image"}` parts and the row
+its `images` in order of appearance, stored JSON-safe (curate/row_images.py; report.py turns them
+into the output file's form). Dedup compares text parts like string contents and the prompt's
+images by a hash of their bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 
+from metis_cli.curate.row_images import image_identity, stored_image
+from metis_cli.data.content import IMAGE_PLACEHOLDER, image_count
 from metis_cli.data.datasets import Example
 
 
@@ -42,6 +50,11 @@ class Candidate:
     def note(self, filter_name: str, text: str) -> None:
         self.notes[filter_name] = text
 
+    @cached_property
+    def prompt_key(self) -> str:
+        """`prompt_key(self.example)`, computed once (it hashes the prompt's image files)."""
+        return prompt_key(self.example)
+
     def record(self) -> dict:
         """The JSON line written to decisions.jsonl (kept rows carry their output row)."""
         record = {
@@ -56,7 +69,7 @@ class Candidate:
             "detail": self.detail,
             "notes": self.notes,
             "pass_rates": self.pass_rates,
-            "prompt_key": prompt_key(self.example),
+            "prompt_key": self.prompt_key,
         }
         if self.kept:
             record["row"] = self.output_row()
@@ -72,7 +85,7 @@ class Candidate:
             "subset": example.subset,
         }
         if example.images:
-            row["images"] = example.images
+            row["images"] = [stored_image(image) for image in example.images]
         row.update({key: value for key, value in example.meta.items() if key not in row})
         row["curation"] = {"source": self.source_path, "filters": list(self.filters_ran)}
         if self.pass_rates:  # left out when empty: parquet cannot store an empty struct
@@ -81,14 +94,23 @@ class Candidate:
 
 
 def normalized_prompt(example: Example) -> str:
-    """The prompt as dedup compares it: non-system turns, casefolded, whitespace collapsed, + images."""
-    turns = [
-        f"{message['role']}: {' '.join(message['content'].casefold().split())}"
-        for message in example.messages
-        if message["role"] != "system"
-    ]
-    images = [str(image) for image in example.images]
+    """The prompt as dedup compares it: non-system turns, casefolded, whitespace collapsed, each
+    image part as `<image>`; then the prompt's images by identity (a hash of their bytes)."""
+    turns = [f"{message['role']}: {_normalized_content(message['content'])}"
+             for message in example.messages if message["role"] != "system"]
+    images = [image_identity(image) for image in prompt_images(example)]
     return json.dumps([turns, images], ensure_ascii=False)
+
+
+def prompt_images(example: Example) -> list:
+    """The sources of the prompt's images (a trajectory's `images` go on with its tool turns')."""
+    return example.images[: sum(image_count(message["content"]) for message in example.messages)]
+
+
+def _normalized_content(content: str | list[dict]) -> str:
+    if not isinstance(content, str):
+        content = " ".join(IMAGE_PLACEHOLDER if part["type"] == "image" else part["text"] for part in content)
+    return " ".join(content.casefold().split())
 
 
 def prompt_key(example: Example) -> str:

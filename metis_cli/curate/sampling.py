@@ -9,13 +9,16 @@ the answer judge cannot score is left out, never counted wrong):
     with a note.
   rl_filter: tools enabled, the current policy; a prompt whose k rollouts are all right or all
     wrong gives no learning signal (every group advantage is 0) and is dropped; 0 < rate < 1 kept.
-The pass rate of every scored row is stored (`pass_rates[filter]`) and written out.
+The pass rate of every scored row is stored (`pass_rates[filter]`) and written out. The
+model is shown each prompt's images (a text-only model refuses image rows: ModelError).
 Seeds depend only on the batch's first row, so a resumed run samples what the first run would.
 """
 
 from __future__ import annotations
 
-from metis_cli.curate.rows import Candidate
+from dataclasses import replace
+
+from metis_cli.curate.rows import Candidate, prompt_images
 from metis_cli.curate.validity import recorded_calls
 
 
@@ -45,7 +48,12 @@ class PassRateSampler:
         examples = [row.example for row in rows]
         seed = derive_seed(CURATE_BATCH_SEED, self.base_seed, rows[0].source, rows[0].ordinal)
         with torch.inference_mode():
-            rollouts = self.engine.run([e.messages for e in examples], k, use_tools=self.use_tools, seed=seed)
+            # The prompts' own images (not a trajectory's tool images); a text-only model given
+            # image rows is a clear ModelError from the engine.
+            images = ([replace(e, images=prompt_images(e)).load_images() for e in examples]
+                      if any(e.images for e in examples) else None)
+            rollouts = self.engine.run([e.messages for e in examples], k, use_tools=self.use_tools, seed=seed,
+                                       images=images)
         scores = score_rollouts(rollouts, examples, self.checker, self.reward_cfg, retries=1)
         counts = [[0, 0] for _ in rows]
         for rollout, score in zip(rollouts, scores):

@@ -1,6 +1,6 @@
 """Filter 1, schema and format validity, and reading the tool calls a trajectory recorded.
 
-Rows the loader cannot parse at all (bad JSON, unknown roles, non-string content) never get here:
+Rows the loader cannot parse at all (bad JSON, unknown roles, malformed content) never get here:
 they are malformed rows, handled by `data.malformed_rows`. This filter judges rows that parse but
 are not usable:
   sft: an assistant reply follows the last user turn; every `<tool_call>` is valid JSON
@@ -9,6 +9,9 @@ are not usable:
        `<answer>...</answer>` and the reply passes the format reward's rules (rewards/format.py);
        a gold answer is present unless `require_gold_answer` is off.
   rl:  a non-empty question and a gold answer (the pass-rate filter scores against it).
+Contents may be lists of text and image parts (data/content.py); tool calls and answers are read
+from the text parts, and a recorded tool output is its text plus where its images sit in the
+row's `images`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from metis_cli.agent.parser import ParsedToolCall, parse_tool_calls
 from metis_cli.curate.rows import Candidate
+from metis_cli.data.content import content_text, image_count
 from metis_cli.data.datasets import Example
 from metis_cli.rewards.answer import extract_answer
 from metis_cli.rewards.format import format_ok
@@ -25,11 +29,19 @@ from metis_cli.rewards.format import format_ok
 
 @dataclass
 class RecordedCall:
-    """A tool call in a trajectory and the output recorded for it (None when no tool turn follows)."""
+    """A tool call in a trajectory and the output recorded for it (None when no tool turn follows).
+
+    Images (indices into the row's `images`, in order of appearance): the call saw the first
+    `images_seen` (those before its assistant turn's tool turns, as in a rollout); its tool turn
+    holds `recorded_images` of them from `image_offset` on.
+    """
 
     number: int  # 1-based position among the trajectory's calls
     call: ParsedToolCall
     recorded_output: str | None
+    images_seen: int = 0
+    image_offset: int = 0
+    recorded_images: int = 0
 
     def describe(self) -> str:
         if self.call.error:
@@ -40,18 +52,22 @@ class RecordedCall:
 def recorded_calls(conversation: list[dict]) -> list[RecordedCall]:
     """Every tool call of every assistant turn, paired in order with the tool turns that follow it."""
     calls: list[RecordedCall] = []
-    position = 0
+    position = images = 0  # images: image parts so far
     while position < len(conversation):
         message = conversation[position]
         position += 1
+        images += image_count(message["content"])
         if message["role"] != "assistant":
             continue
-        for call in parse_tool_calls(message["content"]):
-            output = None
+        seen = images
+        for call in parse_tool_calls(content_text(message["content"])):
+            output, offset, count = None, images, 0
             if position < len(conversation) and conversation[position]["role"] == "tool":
-                output = conversation[position]["content"]
+                output = content_text(conversation[position]["content"])
+                count = image_count(conversation[position]["content"])
+                images += count
                 position += 1
-            calls.append(RecordedCall(len(calls) + 1, call, output))
+            calls.append(RecordedCall(len(calls) + 1, call, output, seen, offset, count))
     return calls
 
 
@@ -107,7 +123,7 @@ def trajectory_problem(example: Example) -> tuple[str, str] | None:
                 f"message {number} ({role}) comes while {owed} tool call(s) still have no tool turn"
             )
         if role == "assistant":
-            calls = parse_tool_calls(message["content"])
+            calls = parse_tool_calls(content_text(message["content"]))
             broken = next((call for call in calls if call.error), None)
             if broken is not None:
                 return "malformed tool-call JSON", f"message {number}: {broken.error}"
@@ -116,11 +132,12 @@ def trajectory_problem(example: Example) -> tuple[str, str] | None:
     if owed:
         return "tool call without a tool turn", f"the last {owed} tool call(s) have no tool turn"
     final = conversation[-1]
-    if final["role"] != "assistant" or parse_tool_calls(final["content"]):
+    final_text = content_text(final["content"])
+    if final["role"] != "assistant" or parse_tool_calls(final_text):
         return "no final answer turn", "the conversation does not end with an assistant turn that answers"
-    if extract_answer(final["content"]) is None:
-        return "no <answer> in the final turn", f"final assistant turn: {final['content'][:120]!r}"
-    assistant_texts = [m["content"] for m in reply_of(example) if m["role"] == "assistant"]
+    if extract_answer(final_text) is None:
+        return "no <answer> in the final turn", f"final assistant turn: {final_text[:120]!r}"
+    assistant_texts = [content_text(m["content"]) for m in reply_of(example) if m["role"] == "assistant"]
     if not format_ok(assistant_texts):
         return "answer format broken", (
             "the reply breaks the format reward's rules: unbalanced <tool_call>/<think> tags, an "

@@ -6,7 +6,7 @@ a tracker is a copy for people who already live in those tools:
   their `eval/<subset>/<figure>` keys, so each subset gets its own curves);
 - the resolved recipe, as the W&B run config and as a TensorBoard text entry at step 0;
 - the sampled rollouts a stage saves (`<stage>/rollouts/*.jsonl`, hdpo's `samples_to_save`), as
-  a W&B table and TensorBoard text, at the step they were saved.
+  a W&B table and TensorBoard text, at the step they were saved (image parts as `[image WxH]`).
 TensorBoard writes to `<stage>/tensorboard/` (`tensorboard --logdir runs/NAME` shows both
 stages); W&B to `<stage>/wandb/`, project `$WANDB_PROJECT` (default "metis"), one run per stage
 whose id is kept in `<stage>/wandb_run_id` so a resumed stage continues it. `WANDB_MODE=offline`
@@ -34,6 +34,8 @@ import os
 import secrets
 from pathlib import Path
 from typing import Protocol
+
+from metis_cli.telemetry.message_text import image_sizes, message_text
 
 log = logging.getLogger("metis.trackers")
 
@@ -160,8 +162,12 @@ def scalars(record: dict) -> dict[str, float]:
             if key not in NOT_SCALARS and isinstance(value, (int, float)) and math.isfinite(value)}
 
 
-def transcript(messages: list[dict]) -> str:
-    return "\n\n".join(f"**{m.get('role')}**: {m.get('content')}" for m in messages)
+def transcript(row: dict) -> str:
+    """A saved rollout's messages as markdown text, image parts as `[image WxH]` with the sizes
+    the row gives (telemetry/message_text.py, what the TUI shows)."""
+    sizes = image_sizes(row)  # shared over the messages: sizes go in order of appearance
+    return "\n\n".join(f"**{m.get('role')}**: {message_text(m, sizes).strip()}"
+                       for m in row.get("messages") or [] if isinstance(m, dict))
 
 
 # ------------------------------------------------------------------------------ TensorBoard
@@ -188,7 +194,7 @@ class TensorBoardTracker:
         parts = []
         for row in rows:
             header = ", ".join(f"{column}={row.get(column)}" for column in ROLLOUT_COLUMNS[1:] if column in row)
-            parts.append(f"{header}\n\n{transcript(row.get('messages', []))}")
+            parts.append(f"{header}\n\n{transcript(row)}")
         self.writer.add_text("rollouts", "\n\n---\n\n".join(parts), step)
         self.writer.flush()
 
@@ -225,7 +231,7 @@ class WandbTracker:
 
     def log_rollouts(self, rows: list[dict], step: int) -> None:
         columns = [*ROLLOUT_COLUMNS, "transcript"]
-        data = [[_cell(row.get(column)) for column in ROLLOUT_COLUMNS] + [transcript(row.get("messages", []))]
+        data = [[_cell(row.get(column)) for column in ROLLOUT_COLUMNS] + [transcript(row)]
                 for row in rows]
         self.run.log({"rollouts": self._table(columns=columns, data=data)}, step=step)
 

@@ -5,7 +5,8 @@ highlighted, so a person can see *how* the policy used (or skipped) its tools.
 run-folder conventions); `RolloutPanel` is the focusable, scrollable panel that pages through
 the newest batch with `n` / `p`. Image content parts (vision-language rollouts) show as
 `[image WxH]`, their sizes taken in order of appearance from the record's `images` (`[image]`
-when a record does not give them); pixels never reach the browser.
+when a record does not give them; telemetry/message_text.py renders them, as the trackers do);
+pixels never reach the browser.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import json
 import re
 
-from collections.abc import Iterator
-
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from metis_cli.telemetry.message_text import IMAGE_MARK as _IMAGE_MARK
+from metis_cli.telemetry.message_text import image_mark, image_sizes, message_text  # noqa: F401 (re-exported)
 from metis_cli.tui.metrics_tail import RolloutBatch
 
 TOOL_CALL_STYLE = "bold #1e1e1e on #ffa62b"
@@ -44,44 +45,9 @@ MAX_TOOL_RESULT_CHARS = 600
 _MARKUP = re.compile(
     r"<tool_call>(.*?)(?:</tool_call>|$)|<answer>(.*?)(?:</answer>|$)|<think>(.*?)(?:</think>|$)", re.S
 )
-_IMAGE_MARK = re.compile(r"\[image(?: \d+x\d+)?\]")
 
 
 IMAGE_STYLE = "bold magenta"
-
-
-def image_mark(size) -> str:
-    """`[image WxH]` for a [width, height] pair, `[image]` for anything else (size unknown)."""
-    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(side, int) for side in size):
-        return f"[image {size[0]}x{size[1]}]"
-    return "[image]"
-
-
-def image_sizes(rollout: dict) -> Iterator:
-    """The record's image sizes in order, then None forever (more image parts than sizes)."""
-    sizes = rollout.get("images")
-    yield from sizes if isinstance(sizes, list) else []
-    while True:
-        yield None
-
-
-def message_text(message: dict, sizes: Iterator | None = None) -> str:
-    """A chat message's content as text: string content, or a list's text parts with each image
-    part as `image_mark` of the next size from `sizes` (`[image]` without them)."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return ""
-    pieces = []
-    for part in content:
-        if not isinstance(part, dict):
-            continue
-        if part.get("type") in ("image", "image_url") or "image" in part:
-            pieces.append(image_mark(next(sizes) if sizes is not None else None) + " ")
-        else:
-            pieces.append(str(part.get("text", "")))
-    return "".join(pieces)
 
 
 def _append_with_images(text: Text, body: str, style: str = "") -> None:
