@@ -59,19 +59,26 @@ def test_hf_backend_generates_what_transformers_generates(vl_model, vl_processor
     messages, images = _prompts(2, seed=3)
     messages[1] = [messages[1][0], {"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
                    "What digit is in the top left corner? Look closely at the image please."}]}]
-    prompts, references = [], []
+    prompts, references, reference_logprobs = [], [], []
     for conversation, row_images in zip(messages, images):
         text = render(tokenizer, conversation, TOOLS, add_generation_prompt=True)
         prompts.append(vision.expand(encode_text(tokenizer, text), row_images)[0])
         inputs = vl_processor(images=row_images, text=[text], return_tensors="pt")
         with torch.no_grad():
-            out = vl_model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)
-        references.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+            out = vl_model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                    output_logits=True, return_dict_in_generate=True)
+        tokens = out.sequences[0, inputs["input_ids"].shape[1]:]
+        references.append(tokens.tolist())
+        # log-probs too: a random tiny model may repeat one token whatever its positions are
+        reference_logprobs.append([torch.log_softmax(logits[0].float(), -1)[t].item()
+                                   for logits, t in zip(out.logits, tokens)])
     assert len(prompts[0]) != len(prompts[1])
     backend = HFBackend(vl_model, tokenizer, vision=vision)
     params = SamplingParams(6, 1.0, 1.0, stop_token_ids=[], greedy=True)
     generations = backend.generate(prompts, params, images=images)
     assert [g.token_ids for g in generations] == references
+    for generation, expected in zip(generations, reference_logprobs):
+        torch.testing.assert_close(torch.tensor(generation.logprobs), torch.tensor(expected), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="without `vision`"):
         HFBackend(vl_model, tokenizer).generate(prompts, params, images=images)
 

@@ -24,10 +24,11 @@ def ensure_base_model(recipe) -> str:
     if tiny is not None and not (Path(path) / "config.json").exists():
         from metis_cli.model.tiny import build_tiny_model
 
-        if tiny.kind == "vision":
+        if tiny.kind in ("vision", "vision-qwen2.5"):
             from metis_cli.model.tiny_vl import build_tiny_vl_model
 
-            build_tiny_vl_model(Path(path), seed=recipe.run.seed)
+            family = "qwen2.5-vl" if tiny.kind == "vision-qwen2.5" else "qwen3-vl"
+            build_tiny_vl_model(Path(path), seed=recipe.run.seed, family=family)
             return path
 
         build_tiny_model(

@@ -1,4 +1,4 @@
-"""Build the tiny Qwen3-VL model the vision default trains, with no downloads.
+"""Build the tiny Qwen3-VL model the vision default trains (or a tiny Qwen2.5-VL), with no downloads.
 
 Like model/tiny.py (whose tokenizer machinery it reuses): a byte-level BPE tokenizer trained
 here, on the synthetic vision task's rendered conversations (data/synthetic_vl.py), plus the
@@ -8,6 +8,13 @@ image's token count); randomly initialised Qwen3-VL weights (about 0.8M paramete
 processor (patch 16, 2x2 merge, images shrunk to at most `max_pixels`). All saved as one folder
 that transformers (`AutoModelForImageTextToText`, `AutoProcessor` where torchvision is) and
 model/processor.py's `load_processor` load like a hub Qwen3-VL. It does not train the model.
+
+`family="qwen2.5-vl"` (recipe `model.build_tiny.kind: vision-qwen2.5`) builds the same tokenizer
+and template with a Qwen2.5-VL instead: windowed vision attention, no deepstack, and
+Qwen2.5-VL's own image processor settings (patch 14, CLIP mean/std, bicubic), so a 256 px image
+reaches it as 56x56 px = 4 tokens. That resize is not the exact 4x box shrink, so the task's
+hard subset does not strictly need zoom_in there; it is built to test Qwen2.5-VL as a policy
+(tests/test_qwen25_vl.py), not to reproduce the vision default's results.
 """
 
 from __future__ import annotations
@@ -50,21 +57,36 @@ _TEXT_SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, 
                    num_key_value_heads=4, head_dim=32)
 _VISION_SIZES = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                      patch_size=16, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0])
+_QWEN25_VISION_SIZES = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                            fullatt_block_indexes=[1], tokens_per_second=2)
+"""Qwen2.5-VL's vision tower at tiny sizes: block 0 attends within 2x2-token windows (window_size
+56 px = 4 patches = 2 merged tokens), block 1 is full attention, like the real tower's mix."""
+FAMILIES = ("qwen3-vl", "qwen2.5-vl")
 
 
 def build_tiny_vl_model(out_dir: Path, *, seed: int = 0, max_position_embeddings: int = 1024,
-                        min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Path:
-    """Build a randomly initialised tiny Qwen3-VL + tokenizer + processor folder at `out_dir`.
+                        min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS, family: str = "qwen3-vl") -> Path:
+    """Build a randomly initialised tiny Qwen3-VL (or Qwen2.5-VL, `family`) + tokenizer + processor
+    folder at `out_dir`.
 
     An `out_dir` that already holds a built model is returned untouched; the folder is written
     beside it and renamed into place (model/tiny.py's `build_folder_atomically`).
     """
 
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
+
     def write(staging_dir: Path) -> None:
         tokenizer = build_tiny_vl_tokenizer()
-        processor = _processor(tokenizer, min_pixels, max_pixels)
+        if family == "qwen2.5-vl":
+            processor = _qwen25_processor(tokenizer, min_pixels, max_pixels)
+            model = _random_qwen25_vl(tokenizer, seed, max_position_embeddings)
+        else:
+            processor = _processor(tokenizer, min_pixels, max_pixels)
+            model = _random_qwen3_vl(tokenizer, seed, max_position_embeddings)
         save_processor(processor, staging_dir)  # tokenizer files, chat template, processor configs
-        _random_qwen3_vl(tokenizer, seed, max_position_embeddings).save_pretrained(staging_dir)
+        model.save_pretrained(staging_dir)
 
     return tiny.build_folder_atomically(Path(out_dir), _BUILT_MODEL_FILES, write)
 
@@ -100,15 +122,34 @@ def _processor(tokenizer, min_pixels: int, max_pixels: int):
     return processor
 
 
-def _random_qwen3_vl(tokenizer, seed: int, max_position_embeddings: int):
-    import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen3VLConfig
+def _qwen25_processor(tokenizer, min_pixels: int, max_pixels: int):
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    pad_id = tokenizer.convert_tokens_to_ids(tiny.PAD_TOKEN)
-    end_of_turn_id = tokenizer.convert_tokens_to_ids(tiny.END_OF_TURN_TOKEN)
+    # Qwen2.5-VL's own image settings (the class defaults: patch 14, CLIP mean/std, bicubic).
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = images_only(Qwen2_5_VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                 chat_template=CHAT_TEMPLATE)
+    processor.video_config = {  # what AutoProcessor needs to build Qwen2.5-VL's video processor
+        "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    }
+    return processor
+
+
+def _token_ids(tokenizer) -> tuple[int, int, dict]:
+    """(pad id, end-of-turn id, the config's vision token ids)."""
     token_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))}
+    return tokenizer.convert_tokens_to_ids(tiny.PAD_TOKEN), tokenizer.convert_tokens_to_ids(tiny.END_OF_TURN_TOKEN), \
+        token_ids
+
+
+def _random_qwen3_vl(tokenizer, seed: int, max_position_embeddings: int):
+    from transformers import Qwen3VLConfig
+
+    pad_id, end_of_turn_id, token_ids = _token_ids(tokenizer)
     text_config = dict(
         _TEXT_SIZES, vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
         rope_scaling={"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True},
@@ -116,6 +157,28 @@ def _random_qwen3_vl(tokenizer, seed: int, max_position_embeddings: int):
     )
     config = Qwen3VLConfig(text_config=text_config, vision_config=dict(_VISION_SIZES), tie_word_embeddings=True,
                            **token_ids)
+    return _random_model(config, seed, pad_id, end_of_turn_id)
+
+
+def _random_qwen25_vl(tokenizer, seed: int, max_position_embeddings: int):
+    from transformers import Qwen2_5_VLConfig
+
+    pad_id, end_of_turn_id, token_ids = _token_ids(tokenizer)
+    text_sizes = {key: value for key, value in _TEXT_SIZES.items() if key != "head_dim"}  # hidden / heads = 32
+    text_config = dict(
+        text_sizes, num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings,
+        rope_scaling={"rope_type": "default", "mrope_section": [4, 6, 6]},  # Qwen2.5-VL's [16, 24, 24] / 4
+        bos_token_id=pad_id, eos_token_id=end_of_turn_id, pad_token_id=pad_id, dtype="float32",
+    )
+    config = Qwen2_5_VLConfig(text_config=text_config, vision_config=dict(_QWEN25_VISION_SIZES),
+                              tie_word_embeddings=True, **token_ids)
+    return _random_model(config, seed, pad_id, end_of_turn_id)
+
+
+def _random_model(config, seed: int, pad_id: int, end_of_turn_id: int):
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config).to(torch.float32)

@@ -80,9 +80,10 @@ class RunConfig(Section):
 
 # --------------------------------------------------------------------------------------- model
 class TinyModelConfig(Section):
-    kind: Literal["text", "vision"] = Field(
+    kind: Literal["text", "vision", "vision-qwen2.5"] = Field(
         "text", description="text: a tiny Qwen3 (the sizes below); vision: a tiny Qwen3-VL with its processor "
-        "(model/tiny_vl.py, fixed sizes; the fields below are ignored).")
+        "(model/tiny_vl.py, fixed sizes; the fields below are ignored); vision-qwen2.5: the same with a tiny "
+        "Qwen2.5-VL (its own patch-14 image processor).")
     hidden_size: int = Field(128, gt=0, description="Hidden width of the tiny Qwen3 model.")
     num_layers: int = Field(4, gt=0, description="Transformer layers.")
     num_heads: int = Field(4, gt=0, description="Attention heads.")
