@@ -90,13 +90,23 @@ def _row_groups(summary: dict) -> tuple[list[str], list[list[list[str]]]]:
     return header, groups
 
 
+def _grid_line(plan: dict) -> str:
+    """What the variants are: the `--set` axes, else the `--variant` list, else the one base point."""
+    axes = ", ".join(f"{k} in {v}" for k, v in plan["axes"].items())
+    if axes:
+        return f"Grid: {axes}"
+    variants = plan.get("variants") or []
+    if len(variants) > 1:
+        return f"Variants ({len(variants)}): " + "; ".join(v["name"] for v in variants)
+    return "Grid: none (one variant)"
+
+
 def markdown(sweep: dict) -> str:
     summary = sweep["summary"]
     plan = sweep["plan"]
     header, groups = _row_groups(summary)
-    lines = [f"# Sweep of {plan['recipe']}", "",
-             f"Grid: {', '.join(f'{k} in {v}' for k, v in plan['axes'].items()) or 'none (one variant)'}; "
-             f"seeds {plan['seeds']}; fixed: {', '.join(plan['fixed']) or 'none'}.", "",
+    lines = [f"# Sweep of {plan['recipe']}", "", f"{_grid_line(plan)}; seeds {plan['seeds']}; "
+             f"fixed: {', '.join(plan['fixed']) or 'none'}.", "",
              "Final held-out figures (greedy) per variant: mean over its finished seeds, (min-max) when they "
              "differ. The start rows are the model RL started from (step 0's eval).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
