@@ -129,6 +129,19 @@ def test_summary_averages_finished_seeds_only():
     assert summary["start"][0]["subsets"]["easy"]["accuracy"]["mean"] == 1.0 and summary["start"][0]["done"] == 2
 
 
+def test_report_names_the_variants_of_a_variant_list():
+    from metis_cli.evaluation.sweep_report import markdown, summarize
+
+    runs = [{"variant": slug, "name": name, "seed": 0, "status": "pending", "sft_group": "g", "final": {},
+             "start": {}} for slug, name in (("a", "estimator=hdpo"), ("b", "estimator=coupled coef=0.5"))]
+    plan = {"recipe": "r.yaml", "axes": {}, "fixed": [], "seeds": [0],
+            "variants": [{"name": r["name"], "slug": r["variant"], "overrides": []} for r in runs]}
+    text = markdown({"plan": plan, "runs": runs, "summary": summarize({"runs": runs})})
+    assert "Variants (2): estimator=hdpo; estimator=coupled coef=0.5" in text and "none (one variant)" not in text
+    plan.update(variants=plan["variants"][:1])
+    assert "Grid: none (one variant)" in markdown({"plan": plan, "runs": runs[:1], "summary": summarize({"runs": runs[:1]})})
+
+
 # ---------------------------------------------------------------------------- a real tiny sweep
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
