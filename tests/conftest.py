@@ -111,3 +111,12 @@ def kill_when_step_logged(command: list[str], metrics: Path, step: int = 2, time
 def kill_mid_run():
     """`kill_when_step_logged` as a fixture: `kill_mid_run(command, run_dir / "metrics.jsonl")`."""
     return kill_when_step_logged
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child a test sends Ctrl-C: SIGINT back to its default. A test run started
+    in the background (`cmd &` without job control) ignores SIGINT, children inherit that, and the
+    child's Python would then never raise KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

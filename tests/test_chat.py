@@ -13,6 +13,8 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
+from tests.conftest import default_sigint
+
 from metis_cli.agent.backend import Generation
 from metis_cli.cli.main import app
 from metis_cli.data import synthetic
@@ -192,7 +194,8 @@ def test_ctrl_c_in_a_terminal_stops_the_answer_not_the_session(tmp_path, model_d
     pexpect = pytest.importorskip("pexpect")
     recipe = chat_recipe(tmp_path, model_dir, max_new_tokens=3000)
     child = pexpect.spawn(sys.executable, ["-m", "metis_cli", "chat", "--model", str(model_dir), "--recipe", str(recipe)],
-                          cwd=str(REPO), encoding="utf-8", timeout=60, dimensions=(40, 120))
+                          cwd=str(REPO), encoding="utf-8", timeout=60, dimensions=(40, 120),
+                          preexec_fn=default_sigint)
     try:
         child.expect_exact("you>")
         child.sendintr()  # at the prompt: a reminder, not an exit

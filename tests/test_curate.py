@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import default_sigint
 from test_judge import ScriptedServer
 from typer.testing import CliRunner
 
@@ -265,7 +267,8 @@ def test_ctrl_c_then_resume_redoes_nothing_and_gives_identical_output(tmp_path):
         recipe = write_recipe(tmp_path, data, curate={"batch_size": 2, **judge_settings(server.base_url)})
         decisions = tmp_path / "run" / "curated" / "decisions.jsonl"
         process = subprocess.Popen([sys.executable, "-m", "metis_cli", "curate", str(recipe), "--quiet"],
-                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=default_sigint)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.poll() is None:
             if decisions.exists() and len(decisions.read_text().splitlines()) >= 4:
