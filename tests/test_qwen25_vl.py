@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metis_cli.agent.backend import SamplingParams
 from metis_cli.agent.hf_backend import HFBackend
 from metis_cli.agent.rollout import RolloutBatch, RolloutEngine
 from metis_cli.agent.tools.registry import ToolRegistry
@@ -111,31 +110,12 @@ def test_the_image_changes_the_output(policy, processor):
 
 
 def test_hf_backend_generates_what_transformers_generates(policy, processor):
-    """Left-padded batch of prompts with different images and lengths: greedy tokens equal
-    transformers' generate on each prompt alone (images and Qwen2.5-VL's 3-D positions reach it)."""
+    """Left-padded batch of prompts with different images and lengths: greedy tokens and log-probs
+    equal transformers' generate on each prompt alone (images and Qwen2.5-VL's 3-D positions reach it)."""
+    from test_vl_rollout import assert_hf_backend_matches_transformers
+
     model, tokenizer, vision = policy
-    messages, images = _prompts(2, seed=3)
-    messages[1] = [messages[1][0], {"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
-                   "What digit is in the top left corner? Look closely at the image please."}]}]
-    prompts, references, reference_logprobs = [], [], []
-    for conversation, row_images in zip(messages, images):
-        text = render(tokenizer, conversation, TOOLS, add_generation_prompt=True)
-        prompts.append(vision.expand(encode_text(tokenizer, text), row_images)[0])
-        inputs = processor(images=row_images, text=[text], return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None,
-                                 output_logits=True, return_dict_in_generate=True)
-        tokens = out.sequences[0, inputs["input_ids"].shape[1]:]
-        references.append(tokens.tolist())
-        # log-probs too: a random tiny model may repeat one token whatever its positions are
-        reference_logprobs.append([torch.log_softmax(logits[0].float(), -1)[t].item()
-                                   for logits, t in zip(out.logits, tokens)])
-    assert len(prompts[0]) != len(prompts[1])
-    params = SamplingParams(6, 1.0, 1.0, stop_token_ids=[], greedy=True)
-    generations = HFBackend(model, tokenizer, vision=vision).generate(prompts, params, images=images)
-    assert [g.token_ids for g in generations] == references
-    for generation, expected in zip(generations, reference_logprobs):
-        torch.testing.assert_close(torch.tensor(generation.logprobs), torch.tensor(expected), atol=1e-5, rtol=0)
+    assert_hf_backend_matches_transformers(model, processor, tokenizer, vision)
 
 
 def _batch(model, tokenizer, vision):

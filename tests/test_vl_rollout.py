@@ -56,6 +56,14 @@ def test_expansion_matches_the_processor(vl_processor, tokenizer, vision):
 def test_hf_backend_generates_what_transformers_generates(vl_model, vl_processor, tokenizer, vision):
     """Left-padded batch of prompts with different images (and a longer one): greedy tokens equal
     transformers' generate on each prompt alone, so images and 3-D positions reach the model."""
+    prompts, params, images = assert_hf_backend_matches_transformers(vl_model, vl_processor, tokenizer, vision)
+    with pytest.raises(ValueError, match="without `vision`"):
+        HFBackend(vl_model, tokenizer).generate(prompts, params, images=images)
+
+
+def assert_hf_backend_matches_transformers(model, processor, tokenizer, vision):
+    """Two prompts of different lengths with their images: the HF backend's greedy tokens and
+    log-probs equal transformers' generate on each prompt alone. Returns (prompts, params, images)."""
     messages, images = _prompts(2, seed=3)
     messages[1] = [messages[1][0], {"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
                    "What digit is in the top left corner? Look closely at the image please."}]}]
@@ -63,9 +71,9 @@ def test_hf_backend_generates_what_transformers_generates(vl_model, vl_processor
     for conversation, row_images in zip(messages, images):
         text = render(tokenizer, conversation, TOOLS, add_generation_prompt=True)
         prompts.append(vision.expand(encode_text(tokenizer, text), row_images)[0])
-        inputs = vl_processor(images=row_images, text=[text], return_tensors="pt")
+        inputs = processor(images=row_images, text=[text], return_tensors="pt")
         with torch.no_grad():
-            out = vl_model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None,
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None,
                                     output_logits=True, return_dict_in_generate=True)
         tokens = out.sequences[0, inputs["input_ids"].shape[1]:]
         references.append(tokens.tolist())
@@ -73,14 +81,13 @@ def test_hf_backend_generates_what_transformers_generates(vl_model, vl_processor
         reference_logprobs.append([torch.log_softmax(logits[0].float(), -1)[t].item()
                                    for logits, t in zip(out.logits, tokens)])
     assert len(prompts[0]) != len(prompts[1])
-    backend = HFBackend(vl_model, tokenizer, vision=vision)
+    backend = HFBackend(model, tokenizer, vision=vision)
     params = SamplingParams(6, 1.0, 1.0, stop_token_ids=[], greedy=True)
     generations = backend.generate(prompts, params, images=images)
     assert [g.token_ids for g in generations] == references
     for generation, expected in zip(generations, reference_logprobs):
         torch.testing.assert_close(torch.tensor(generation.logprobs), torch.tensor(expected), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="without `vision`"):
-        HFBackend(vl_model, tokenizer).generate(prompts, params, images=images)
+    return prompts, params, images
 
 
 class ZoomThenAnswer:
