@@ -192,20 +192,32 @@ def test_generators_are_seeded_and_split_by_subset():
 def test_which_colour_is_top_left_in_the_mark_is_only_visible_after_zooming(vl_processor):
     """The tiny processor's 4x box shrink turns the checkered mark into the same blend whichever of
     its two colours is top-left (pixel_values equal), so a hard question needs zoom_in; the zoomed
-    corner (64x64, not resized) shows the cells 1:1. The large shape's colour stays visible."""
+    corner box (enlarged 2x by the tool's zoom) shows the top-left cell as a 4x4 px block whose
+    centre is nearest that cell's colour. The large shape's colour stays visible."""
     from PIL import Image
+
+    from metis_cli.data import images as image_ops
 
     processor = vl_processor.image_processor
     plain = Image.new("RGB", (256, 256), (255, 255, 255))
-    pixels = []
-    for first, second in (("red", "blue"), ("blue", "red")):
-        image = plain.copy()
-        synthetic_vl._draw_mark(image, first, second, synthetic_vl.corner_box("top left"))
-        pixels.append(processor(images=[image], return_tensors="pt")["pixel_values"])
-        zoomed = image.crop(synthetic_vl.corner_box("top left"))
-        inset = synthetic_vl.MARK_INSET
-        assert zoomed.getpixel((inset, inset)) == synthetic_vl.COLOURS[first]
-    assert torch.equal(pixels[0], pixels[1])
+    for corner in synthetic_vl.CORNERS:
+        pixels = []
+        for first, second in (("red", "blue"), ("blue", "red")):
+            image = plain.copy()
+            box = synthetic_vl.corner_box(corner)
+            synthetic_vl._draw_mark(image, first, second, box)
+            pixels.append(processor(images=[image], return_tensors="pt")["pixel_values"])
+            zoomed, cropped = image_ops.zoom(image, box, min_pixels=synthetic_vl.ZOOM_PIXELS,
+                                             max_pixels=synthetic_vl.ZOOM_PIXELS)
+            assert cropped == tuple(box) and zoomed.size == (64, 64)
+            inset = synthetic_vl.MARK_INSET
+            left = 2 * inset if box[0] == 0 else 64 - 2 * (inset + synthetic_vl.MARK_PX)
+            top = 2 * inset if box[1] == 0 else 64 - 2 * (inset + synthetic_vl.MARK_PX)
+            centre = zoomed.getpixel((left + synthetic_vl.MARK_CELL, top + synthetic_vl.MARK_CELL))
+            nearest = min(synthetic_vl.COLOURS, key=lambda name: sum(
+                (a - b) ** 2 for a, b in zip(centre, synthetic_vl.COLOURS[name])))
+            assert nearest == first, (corner, centre)
+        assert torch.equal(pixels[0], pixels[1])
     for seed in range(5):
         image, facts = synthetic_vl.draw_image(random.Random(seed))
         centre = image.resize((64, 64), Image.Resampling.BOX).getpixel((32, 32))

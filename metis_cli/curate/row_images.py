@@ -22,32 +22,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from metis_cli.errors import DataError
+from metis_cli.data.images import encoded_bytes
 
 _DATA_URL_PREFIX = "data:"
 
 
-def image_bytes(source: Any) -> bytes:
-    """The encoded image a loaded row's source holds (PIL images are encoded as PNG)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    if isinstance(source, str) and source.startswith(_DATA_URL_PREFIX):
-        return base64.b64decode(source.partition(",")[2])
-    if isinstance(source, (str, Path)):
-        try:
-            return Path(source).read_bytes()
-        except OSError as error:
-            raise DataError(f"image {source}: cannot be read ({error.strerror or error})") from None
-    if hasattr(source, "save"):  # a PIL image
-        buffer = io.BytesIO()
-        source.save(buffer, format="PNG")
-        return buffer.getvalue()
-    raise DataError(f"an image must be a path, bytes, a data URL or a PIL image, got {type(source).__name__}")
-
-
 def image_identity(source: Any) -> str:
     """A short hash of the image's encoded bytes (what dedup compares)."""
-    return hashlib.blake2b(image_bytes(source), digest_size=12).hexdigest()
+    return hashlib.blake2b(encoded_bytes(source), digest_size=12).hexdigest()
 
 
 def stored_image(source: Any) -> str:
@@ -56,7 +38,7 @@ def stored_image(source: Any) -> str:
         return str(source)
     if isinstance(source, str):
         return source
-    data = image_bytes(source)
+    data = encoded_bytes(source)
     return f"data:{_mime_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -66,7 +48,7 @@ def output_image(stored: str, folder: Path, output_format: str) -> str | dict:
     relative = os.path.relpath(stored, folder) if is_path else None
     if output_format == "jsonl":
         return relative if is_path else stored
-    return {"bytes": image_bytes(stored), "path": relative}
+    return {"bytes": encoded_bytes(stored), "path": relative}
 
 
 def _mime_type(data: bytes) -> str:

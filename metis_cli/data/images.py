@@ -206,8 +206,19 @@ def _show(bbox: list) -> str:
     return "[" + ", ".join(f"{value:g}" for value in bbox) + "]"
 
 
+def encoded_bytes(source: Any, where: str = "image", base_dir: str | Path | None = None) -> bytes:
+    """The encoded image (PNG, JPEG, ...) an image source holds: a path, a data URL, bytes, a
+    `{bytes, path}` struct or a PIL image (encoded as PNG). A DataError names `where` for a
+    source that is empty, missing or not an image source; the bytes are not decoded here."""
+    return _image_bytes(source, where, base_dir)[0]
+
+
 def _image_bytes(source: Any, where: str, base_dir: str | Path | None) -> tuple[bytes, str]:
     """(encoded image bytes, a short label of where they came from)."""
+    if hasattr(source, "save") and hasattr(source, "size"):  # a PIL image
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        return buffer.getvalue(), "PIL image"
     if isinstance(source, dict):
         if source.get("bytes"):
             return bytes(source["bytes"]), "embedded bytes"

@@ -1,13 +1,13 @@
 """The synthetic vision task behind the tiny vision default: images drawn here, questions, answers.
 
 Each image is a `canvas_size` square (256 px) with one large coloured shape in the middle and
-one small checkered mark (two colours, one-pixel cells) in one corner, with a little grain over
+one small checkered mark (two colours, 2 px cells) in one corner, with a little grain over
 all. Two kinds of question, so "when to zoom" has a right answer:
 - `easy`: "What colour is the large shape?" The shape fills nearly half the side, so its colour
   survives the processor's downscaling (the tiny model sees 64x64 pixels).
 - `hard`: "What colour is the top-left cell of the mark in the top left corner?" Shrunk 4x, the
-  mark is a 2x2 px blend of its two colours (which one is top-left is lost); `zoom_in` on that
-  corner shows the cells 1:1. (Digits in a tiny font were tried first: the random 2-layer vision
+  mark is a 2x2 px blend of its two colours (which one is top-left is lost); `zoom_in` on the
+  32 px corner box returns it enlarged 2x, each cell 4x4 px of the zoomed image. (Digits in a tiny font were tried first: the random 2-layer vision
   tower did not learn to read them in a CPU-sized cold start, while colours take ~100 steps.)
 
 It owns the drawing, the questions, the system prompt and the `zoom_in` tool spec the task is
@@ -75,14 +75,21 @@ SHAPE_SIZE = (0.42, 0.46)
 enough that its colour dominates the 64x64 view (the random vision tower learns it in ~100 SFT
 steps; at 31-41% it took several hundred), small enough to leave the corners free."""
 MARK_PX = 8
-"""The checkered mark: MARK_PX x MARK_PX one-pixel cells of two colours, MARK_INSET px from the
-corner. Shrunk 4x to 64x64 its cells average into one blend of the two colours, which says
-nothing about which one is in the top-left cell; the zoomed corner shows it pixel for pixel."""
+MARK_CELL = 2
+"""The checkered mark: MARK_PX x MARK_PX px of MARK_CELL px square cells in two colours (a 4x4
+checker), MARK_INSET px from the corner, on the 4 px grid. Shrunk 4x to 64x64 each 4x4 block holds
+two cells of each colour, so the mark becomes one blend that says nothing about which colour is in
+the top-left cell."""
 MARK_INSET = 4
+CORNER_BOX = 32
+"""The hard question's zoom box side (px): the mark and its inset with room around it. `zoom_in`
+enlarges it 2x to 64x64, so a cell spans 4x4 px of what the model sees. (A 64 px box returned 1:1,
+one-pixel cells, was learned by the cold start in one of three seeds; data/images.MIN_SIDE = 32 is
+the smallest box the tool crops. Two other designs measured worse: README.)"""
 GRAIN = 24
 """Per-pixel noise (uniform +-GRAIN per channel) over the whole image, like sensor grain: what
 little of the mark's order survives the 4x shrink (filter leakage at its edges) drowns in it,
-while the 1:1 zoomed cells (colours 100+ levels apart) stay plain."""
+while the zoomed cells (colours 100+ levels apart) stay plain."""
 
 
 def easy_question() -> str:
@@ -94,8 +101,8 @@ def hard_question(corner: str) -> str:
 
 
 def corner_box(corner: str, canvas_size: int = CANVAS_SIZE) -> list[int]:
-    """The quarter-side square at `corner`, where the mark is drawn: the hard question's zoom."""
-    side = canvas_size // 4
+    """The CORNER_BOX square at `corner`, where the mark is drawn: the hard question's zoom."""
+    side = CORNER_BOX
     x1 = 0 if corner.endswith("left") else canvas_size - side
     y1 = 0 if corner.startswith("top") else canvas_size - side
     return [x1, y1, x1 + side, y1 + side]
@@ -240,14 +247,15 @@ def _subsets(n: int, hard_share: float, rng: random.Random) -> list[Subset]:
 
 
 def _draw_mark(image, first: str, second: str, region: list[int]) -> None:
-    """The checkered mark in `region`'s outer corner, MARK_INSET px from both edges: cell (x, y)
-    is `first` where x + y is even (the top-left cell), else `second`."""
+    """The checkered mark in `region`'s outer corner, MARK_INSET px from both edges: the cell at
+    (column, row) is `first` where column + row is even (the top-left cell), else `second`."""
     x1, y1, x2, y2 = region
     left = x1 + MARK_INSET if x1 == 0 else x2 - MARK_INSET - MARK_PX
     top = y1 + MARK_INSET if y1 == 0 else y2 - MARK_INSET - MARK_PX
     for dy in range(MARK_PX):
         for dx in range(MARK_PX):
-            image.putpixel((left + dx, top + dy), COLOURS[first if (dx + dy) % 2 == 0 else second])
+            even = (dx // MARK_CELL + dy // MARK_CELL) % 2 == 0
+            image.putpixel((left + dx, top + dy), COLOURS[first if even else second])
 
 
 def _with_grain(image, rng: random.Random):

@@ -115,6 +115,12 @@ def load_model(path: str, *, dtype, device: str, field: str = "model.name_or_pat
     return model.to(device)
 
 
+def unwrapped(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def vision_tower_name(model) -> str | None:
     """The module name of the model's vision tower (`model.visual` in Qwen3-VL and Qwen2.5-VL,
     projector included), or None for a text-only model."""

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from metis_cli.errors import ModelError
+from metis_cli.model.loading import unwrapped
 
 VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
 _PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
@@ -160,7 +161,7 @@ def copy_processor_files(model, folder: str | Path) -> None:
     Nothing happens for a text-only model or one not loaded from a folder."""
     import shutil
 
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    base = unwrapped(model)
     config = getattr(base, "config", None)
     if getattr(config, "vision_config", None) is None:
         return

@@ -229,7 +229,9 @@ def run_on_main(context: DistributedContext, work: Callable[[], Any]) -> Any:
 def decoder_layers(model) -> list:
     """The repeated blocks of a transformers model (its `_no_split_modules` classes: decoder
     layers, and vision blocks of a VL model), found through a peft wrapper too."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from metis_cli.model.loading import unwrapped
+
+    base = unwrapped(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     if not names:
         raise MetisError(f"{type(base).__name__} names no decoder layer classes (_no_split_modules); "

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from metis_cli.model.loading import unwrapped
 from metis_cli.model.memory_plan import logit_chunk_positions as chunk_tokens
 
 POSTPROCESSING_CONFIG_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -41,20 +42,14 @@ def chunk_for(model, positions: int, budget_mib: float | None) -> int:
     head: no budget, a pass whose logits fit the budget, or a model this module cannot serve."""
     if budget_mib is None:
         return 0
-    vocab = base_model(model).get_output_embeddings().weight.shape[0]
+    vocab = unwrapped(model).get_output_embeddings().weight.shape[0]
     chunk = chunk_tokens(vocab, budget_mib)
     return chunk if positions > chunk and supports(model) else 0
 
 
-def base_model(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def supports(model) -> bool:
     """Whether `model`'s output layer can be swapped for `LogprobHead` (module docstring)."""
-    base = base_model(model)
+    base = unwrapped(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or _head_name(base, head) is None:
         return False
@@ -102,7 +97,7 @@ class LogprobHead(torch.nn.Module):
 def chunked_head(model, targets: torch.Tensor, *, temperature: float, with_entropy: bool, chunk: int):
     """Inside the block, `model(...)`'s `.logits` are `LogprobHead`'s [N, T, 2] for `targets`
     [N, T] (the target of each position the forward returns logits for)."""
-    base = base_model(model)
+    base = unwrapped(model)
     head = base.get_output_embeddings()
     name = _head_name(base, head)
     owner = base.get_submodule(name.rpartition(".")[0]) if "." in name else base

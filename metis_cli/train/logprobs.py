@@ -26,12 +26,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from metis_cli.model.loading import unwrapped
 from metis_cli.train import logit_chunks
 
 DEFAULT_LOGITS_BUDGET_MIB = 1024.0
 """fp32 logits a pass may hold at once before its LM head runs in chunks (train/logit_chunks.py);
 None: never chunk."""
-_base_model = logit_chunks.base_model  # the transformers model under a peft wrapper
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -262,14 +262,14 @@ def _pixels(model, vision, images: list[list], device) -> dict:
 
 
 def _accepts(model, argument: str) -> bool:
-    return argument in inspect.signature(_base_model(model).forward).parameters
+    return argument in inspect.signature(unwrapped(model).forward).parameters
 
 
 def _shares_prompts(model) -> bool:
     """Whether a KV cache of the prompt can stand in for re-running it: not for recurrent-state
     models, nor sliding-window layers (their cache keeps only a window: rather be plain and exact),
     nor under gradient checkpointing while training (transformers turns the cache off then)."""
-    base = _base_model(model)
+    base = unwrapped(model)
     if getattr(base, "_is_stateful", False):
         return False
     if base.training and getattr(base, "is_gradient_checkpointing", False):
