@@ -210,10 +210,11 @@ def test_which_colour_is_top_left_in_the_mark_is_only_visible_after_zooming(vl_p
             zoomed, cropped = image_ops.zoom(image, box, min_pixels=synthetic_vl.ZOOM_PIXELS,
                                              max_pixels=synthetic_vl.ZOOM_PIXELS)
             assert cropped == tuple(box) and zoomed.size == (64, 64)
-            inset = synthetic_vl.MARK_INSET
-            left = 2 * inset if box[0] == 0 else 64 - 2 * (inset + synthetic_vl.MARK_PX)
-            top = 2 * inset if box[1] == 0 else 64 - 2 * (inset + synthetic_vl.MARK_PX)
-            centre = zoomed.getpixel((left + synthetic_vl.MARK_CELL, top + synthetic_vl.MARK_CELL))
+            scale = zoomed.width // synthetic_vl.CORNER_BOX  # 2: the tool's enlargement
+            inset, mark = scale * synthetic_vl.MARK_INSET, scale * synthetic_vl.MARK_PX
+            left, top = (inset if edge == 0 else zoomed.width - inset - mark for edge in box[:2])
+            half_cell = scale * synthetic_vl.MARK_CELL // 2
+            centre = zoomed.getpixel((left + half_cell, top + half_cell))
             nearest = min(synthetic_vl.COLOURS, key=lambda name: sum(
                 (a - b) ** 2 for a, b in zip(centre, synthetic_vl.COLOURS[name])))
             assert nearest == first, (corner, centre)

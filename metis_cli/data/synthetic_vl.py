@@ -7,8 +7,9 @@ all. Two kinds of question, so "when to zoom" has a right answer:
   survives the processor's downscaling (the tiny model sees 64x64 pixels).
 - `hard`: "What colour is the top-left cell of the mark in the top left corner?" Shrunk 4x, the
   mark is a 2x2 px blend of its two colours (which one is top-left is lost); `zoom_in` on the
-  32 px corner box returns it enlarged 2x, each cell 4x4 px of the zoomed image. (Digits in a tiny font were tried first: the random 2-layer vision
-  tower did not learn to read them in a CPU-sized cold start, while colours take ~100 steps.)
+  32 px corner box returns it enlarged 2x, each cell 4x4 px of the zoomed image. (Digits in a
+  tiny font were tried first: the random 2-layer vision tower did not learn to read them in a
+  CPU-sized cold start, while colours take ~100 steps.)
 
 It owns the drawing, the questions, the system prompt and the `zoom_in` tool spec the task is
 rendered with, and the four generators (knowledge, cold start, rl, eval) with `write_set`, which

@@ -29,6 +29,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 from metis_cli.errors import MetisError
+from metis_cli.model.loading import unwrapped
 
 STARTUP_TIMEOUT_S = 1800.0
 """Collective timeout while ranks load models and data (and inside `patient()`): loading an 8B
@@ -229,8 +230,6 @@ def run_on_main(context: DistributedContext, work: Callable[[], Any]) -> Any:
 def decoder_layers(model) -> list:
     """The repeated blocks of a transformers model (its `_no_split_modules` classes: decoder
     layers, and vision blocks of a VL model), found through a peft wrapper too."""
-    from metis_cli.model.loading import unwrapped
-
     base = unwrapped(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     if not names:
