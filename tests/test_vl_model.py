@@ -189,6 +189,38 @@ def test_generators_are_seeded_and_split_by_subset():
     assert all(row["messages"][-1]["content"] == f"<answer>{row['answer']}</answer>" for row in knowledge)
 
 
+def test_closeup_knowledge_is_the_zoom_output_answered_directly_and_leaves_the_rest_alone():
+    """`closeup_share` turns that share of knowledge rows into hard questions on exactly the image
+    zoom_in returns for the row's corner; the other rows keep the images of the set without them."""
+    from metis_cli.data import images as image_ops
+
+    plain = synthetic_vl.knowledge_examples(12, seed=4)
+    mixed = synthetic_vl.knowledge_examples(12, seed=4, closeup_share=0.5)
+    assert [row["subset"] for row in mixed].count("hard") == 6
+    drawn = random.Random("vl-knowledge-4")
+    for before, row in zip(plain, mixed):
+        image, facts = synthetic_vl.draw_image(drawn)
+        assert before["images"][0].tobytes() == image.tobytes()
+        assert row["messages"][-1]["content"] == f"<answer>{row['answer']}</answer>"
+        if row["subset"] == "easy":
+            assert row["images"][0].tobytes() == image.tobytes() and row["answer"] == facts["colour"]
+            continue
+        zoomed, _ = image_ops.zoom(image, synthetic_vl.corner_box(facts["corner"]),
+                                   min_pixels=synthetic_vl.ZOOM_PIXELS, max_pixels=synthetic_vl.ZOOM_PIXELS)
+        assert row["images"][0].tobytes() == zoomed.tobytes() and row["answer"] == facts["mark"]
+        assert row["messages"][1]["content"][1]["text"] == synthetic_vl.hard_question(facts["corner"])
+        assert len(row["messages"]) == 3  # system, user, the direct answer: no zoom
+    assert synthetic_vl.knowledge_examples(12, seed=4, closeup_share=0.0)[5]["images"][0].tobytes() == \
+        plain[5]["images"][0].tobytes()
+
+
+def test_the_palette_keeps_every_pair_of_colours_far_apart():
+    names = sorted(synthetic_vl.COLOURS)
+    distances = [sum((a - b) ** 2 for a, b in zip(synthetic_vl.COLOURS[x], synthetic_vl.COLOURS[y])) ** 0.5
+                 for i, x in enumerate(names) for y in names[i + 1:]]
+    assert min(distances) >= 70
+
+
 def test_which_colour_is_top_left_in_the_mark_is_only_visible_after_zooming(vl_processor):
     """The tiny processor's 4x box shrink turns the checkered mark into the same blend whichever of
     its two colours is top-left (pixel_values equal), so a hard question needs zoom_in; the zoomed
@@ -211,10 +243,9 @@ def test_which_colour_is_top_left_in_the_mark_is_only_visible_after_zooming(vl_p
                                              max_pixels=synthetic_vl.ZOOM_PIXELS)
             assert cropped == tuple(box) and zoomed.size == (64, 64)
             scale = zoomed.width // synthetic_vl.CORNER_BOX  # 2: the tool's enlargement
-            inset, mark = scale * synthetic_vl.MARK_INSET, scale * synthetic_vl.MARK_PX
-            left, top = (inset if edge == 0 else zoomed.width - inset - mark for edge in box[:2])
+            assert scale * synthetic_vl.MARK_PX == processor.patch_size  # the mark fills the first patch
             half_cell = scale * synthetic_vl.MARK_CELL // 2
-            centre = zoomed.getpixel((left + half_cell, top + half_cell))
+            centre = zoomed.getpixel((half_cell, half_cell))
             nearest = min(synthetic_vl.COLOURS, key=lambda name: sum(
                 (a - b) ** 2 for a, b in zip(centre, synthetic_vl.COLOURS[name])))
             assert nearest == first, (corner, centre)

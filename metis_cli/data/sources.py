@@ -27,7 +27,7 @@ def synthetic_rows(name: str, synthetic_cfg) -> list[dict]:
         from metis_cli.data import synthetic_vl
 
         if name == "knowledge":
-            return synthetic_vl.knowledge_examples(cfg.knowledge_examples, cfg.seed)
+            return synthetic_vl.knowledge_examples(cfg.knowledge_examples, cfg.seed, closeup_share=cfg.closeup_share)
         if name == "cold_start":
             return synthetic_vl.cold_start_trajectories(cfg.cold_start_examples, cfg.seed + 1, cfg.hard_share)
         if name == "rl":
@@ -58,10 +58,11 @@ def materialize_synthetic(name: str, recipe) -> Path:
     import json
 
     cfg = recipe.data.synthetic
-    # The arithmetic digest leaves `task` out, so its file names are those written before the
-    # vision task existed (runs made then are reused, not regenerated).
-    params = json.dumps(cfg.model_dump(mode="json", exclude={"task"} if cfg.task == "arithmetic" else None),
-                        sort_keys=True)
+    # The arithmetic digest leaves `task` out, and the text tasks leave the vision-only
+    # `closeup_share` out, so their file names are those written before either existed (runs
+    # made then are reused, not regenerated).
+    exclude = ({"task"} if cfg.task == "arithmetic" else set()) | ({"closeup_share"} if cfg.task != "vision" else set())
+    params = json.dumps(cfg.model_dump(mode="json", exclude=exclude or None), sort_keys=True)
     digest = hashlib.blake2b(f"{name}:{params}".encode(), digest_size=4).hexdigest()
     path = Path(recipe.run.output_dir) / "data" / f"{name}-{digest}.jsonl"
     if not path.exists():

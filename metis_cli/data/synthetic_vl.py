@@ -7,7 +7,8 @@ all. Two kinds of question, so "when to zoom" has a right answer:
   survives the processor's downscaling (the tiny model sees 64x64 pixels).
 - `hard`: "What colour is the top-left cell of the mark in the top left corner?" Shrunk 4x, the
   mark is a 2x2 px blend of its two colours (which one is top-left is lost); `zoom_in` on the
-  32 px corner box returns it enlarged 2x, each cell 4x4 px of the zoomed image. (Digits in a
+  32 px corner box returns it enlarged 2x: the mark fills the zoomed image's first vision patch,
+  each cell 4x4 px. (Digits in a
   tiny font were tried first: the random 2-layer vision tower did not learn to read them in a
   CPU-sized cold start, while colours take ~100 steps.)
 
@@ -28,6 +29,7 @@ import os
 import random
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -67,8 +69,11 @@ coordinates). The tiny vision tokenizer's merges are trained on this text."""
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30),
+    "yellow": (235, 200, 30), "pink": (235, 90, 200), "orange": (245, 130, 30),
 }
+"""Six colours far apart in RGB (every pair >= 70 levels, pink >= 168 from all): with purple
+(140, 60, 180) in pink's place the random vision tower confused blue and purple in ~10% of easy
+answers on some seeds."""
 SHAPES = ("circle", "square", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 SHAPE_SIZE = (0.42, 0.46)
@@ -78,15 +83,16 @@ steps; at 31-41% it took several hundred), small enough to leave the corners fre
 MARK_PX = 8
 MARK_CELL = 2
 """The checkered mark: MARK_PX x MARK_PX px of MARK_CELL px square cells in two colours (a 4x4
-checker), MARK_INSET px from the corner, on the 4 px grid. Shrunk 4x to 64x64 each 4x4 block holds
-two cells of each colour, so the mark becomes one blend that says nothing about which colour is in
-the top-left cell."""
-MARK_INSET = 4
+checker), on the 4 px grid. Shrunk 4x to 64x64 each 4x4 block holds two cells of each colour, so
+the mark becomes one blend that says nothing about which colour is in the top-left cell."""
 CORNER_BOX = 32
-"""The hard question's zoom box side (px): the mark and its inset with room around it. `zoom_in`
-enlarges it 2x to 64x64, so a cell spans 4x4 px of what the model sees. (A 64 px box returned 1:1,
-one-pixel cells, was learned by the cold start in one of three seeds; data/images.MIN_SIDE = 32 is
-the smallest box the tool crops. Two other designs measured worse: README.)"""
+"""The hard question's zoom box side (px), the mark at the box's top-left corner whichever corner
+of the image the box is in. `zoom_in` enlarges the box 2x to 64x64, so the mark fills exactly the
+zoomed image's first 16x16 px vision patch and its top-left cell is that patch's top-left 4x4 px,
+the same place for every corner: the read is one fixed linear feature of one patch. (Measured
+worse, README: a 64 px box returned 1:1, one-pixel cells; the mark inset 4 px from the image's
+outer corner, so it straddled four patches at a corner-dependent place; the mark centred in the
+box. data/images.MIN_SIDE = 32 is the smallest box the tool crops.)"""
 GRAIN = 24
 """Per-pixel noise (uniform +-GRAIN per channel) over the whole image, like sensor grain: what
 little of the mark's order survives the 4x shrink (filter leakage at its edges) drowns in it,
@@ -148,14 +154,26 @@ def draw_image(rng: random.Random, canvas_size: int = CANVAS_SIZE):
     return image, {"colour": colour, "shape": shape, "corner": corner, "mark": mark, "mark_other": mark_other}
 
 
-def knowledge_examples(n: int, seed: int, canvas_size: int = CANVAS_SIZE) -> list[dict]:
-    """`n` easy questions answered directly: what a real vision model sees without zooming."""
+def knowledge_examples(n: int, seed: int, canvas_size: int = CANVAS_SIZE, closeup_share: float = 0.0,
+                       zoom_pixels: int = ZOOM_PIXELS) -> list[dict]:
+    """`n` questions answered directly, what a real vision model perceives without a tool: easy
+    ones on the whole image, and `closeup_share` of them hard ones on a close-up (the image is the
+    corner box enlarged, exactly what `zoom_in` returns, so the mark is plain). A pretrained VLM
+    reads a plain mark; the random tiny one learns it here, and the cold start only has to teach
+    when to zoom. Which rows are close-ups comes from its own seed stream, so the images (and,
+    with `closeup_share` 0, the rows) are those of the set without close-ups."""
     rng = random.Random(f"vl-knowledge-{seed}")
+    closeups = set(random.Random(f"vl-knowledge-plan-{seed}").sample(range(n), round(n * closeup_share)))
     rows = []
     for index in range(n):
         image, facts = draw_image(rng, canvas_size)
-        rows.append(_row(f"vl-knowledge-{seed}-{index}", "easy", easy_question(), facts["colour"], [image],
-                         [{"role": "assistant", "content": answer_text(facts["colour"])}]))
+        subset, question, answer = "easy", easy_question(), facts["colour"]
+        if index in closeups:
+            subset, question, answer = "hard", hard_question(facts["corner"]), facts["mark"]
+            image, _ = image_ops.zoom(image, corner_box(facts["corner"], canvas_size),
+                                      min_pixels=zoom_pixels, max_pixels=zoom_pixels)
+        rows.append(_row(f"vl-knowledge-{seed}-{index}", subset, question, answer, [image],
+                         [{"role": "assistant", "content": answer_text(answer)}]))
     return rows
 
 
@@ -205,18 +223,26 @@ def write_set(rows: list[dict], path: str | Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=path.parent))
     staging.chmod(0o755)
     try:
-        written = []
+        written, files = [], []
         for row in rows:
             names = [f"{row['id']}-{index}.png" for index in range(len(row["images"]))]
-            for image, name in zip(row["images"], names):
-                image.save(staging / name, format="PNG")
+            files += [(image, staging / name) for image, name in zip(row["images"], names)]
             written.append({**row, "images": [f"{folder.name}/{name}" for name in names]})
+        # PNG stays lossless at any level; level 1 writes the grainy images ~3x faster than the
+        # default 6 (~12% larger), and Pillow's encoder releases the GIL, so a thread per core.
+        with ThreadPoolExecutor(max_workers=_cores()) as pool:
+            list(pool.map(lambda job: job[0].save(job[1], format="PNG", compress_level=1), files))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return write_jsonl(written, path)
+
+
+def _cores() -> int:
+    """The cores this process may run on (data/ sits below model/runtime.py's helper)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _planned(stream: str, n: int, seed: int, hard_share: float, canvas_size: int) -> list[tuple]:
@@ -248,11 +274,9 @@ def _subsets(n: int, hard_share: float, rng: random.Random) -> list[Subset]:
 
 
 def _draw_mark(image, first: str, second: str, region: list[int]) -> None:
-    """The checkered mark in `region`'s outer corner, MARK_INSET px from both edges: the cell at
-    (column, row) is `first` where column + row is even (the top-left cell), else `second`."""
-    x1, y1, x2, y2 = region
-    left = x1 + MARK_INSET if x1 == 0 else x2 - MARK_INSET - MARK_PX
-    top = y1 + MARK_INSET if y1 == 0 else y2 - MARK_INSET - MARK_PX
+    """The checkered mark at `region`'s top-left corner (CORNER_BOX): the cell at (column, row) is
+    `first` where column + row is even (the top-left cell), else `second`."""
+    left, top = region[:2]
     for dy in range(MARK_PX):
         for dx in range(MARK_PX):
             even = (dx // MARK_CELL + dy // MARK_CELL) % 2 == 0

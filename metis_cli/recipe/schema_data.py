@@ -45,6 +45,10 @@ class SyntheticConfig(Section):
         "the vision cold start zooms for every question)."
     )
     hard_share: float = Field(0.5, ge=0, le=1, description="Share of hard questions in cold-start and RL data.")
+    closeup_share: float = Field(
+        0.0, ge=0, le=1, description="Vision task: share of knowledge examples that are hard questions answered "
+        "directly on a close-up (the zoomed corner, as zoom_in returns it): the perception a pretrained VLM has."
+    )
     answer_noise: float = Field(
         0.0, ge=0, le=1, description="Chance that each digit of a hard cold-start answer is redrawn at random "
         "(imperfect demonstrations: right on average, often wrong when sampled; RL's accuracy channel fixes it; "

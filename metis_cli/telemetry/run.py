@@ -117,7 +117,7 @@ _NOT_INPUTS = {
     "sft": {"data.synthetic.rl_prompts", "data.synthetic.eval_per_subset"},
     # the cold-start data reaches hdpo only through the SFT model it starts from
     "hdpo": {"data.synthetic.knowledge_examples", "data.synthetic.cold_start_examples",
-             "data.synthetic.direct_answer_share", "data.synthetic.answer_noise"},
+             "data.synthetic.direct_answer_share", "data.synthetic.answer_noise", "data.synthetic.closeup_share"},
 }
 _BOOKKEEPING = {"eval_every", "save_every", "sample_every", "samples_to_save", "output", "max_unscored_share",
                 "patience"}
