@@ -34,6 +34,14 @@ def test_changed_inputs_name_the_fields_that_differ(tmp_path):
     assert "data.synthetic.rl_prompts" in stage_inputs(recipe, "hdpo")
 
 
+def test_the_vision_only_closeup_share_is_an_sft_input_of_vision_runs_only(tmp_path):
+    # text runs recorded before the field existed still match their recipes
+    assert "data.synthetic.closeup_share" not in stage_inputs(_recipe(tmp_path), "sft")
+    vision = load_recipe("recipes/tiny-vl.yaml", [f"run.output_dir={tmp_path / 'vl'}"])
+    assert stage_inputs(vision, "sft")["data.synthetic.closeup_share"] == 0.5
+    assert "data.synthetic.closeup_share" not in stage_inputs(vision, "hdpo")  # reaches RL via the SFT model
+
+
 def test_run_refuses_to_reuse_a_stage_made_from_another_recipe(tmp_path):
     recipe = _recipe(tmp_path)
     stage_dir = tmp_path / "run" / "sft"

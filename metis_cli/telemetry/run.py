@@ -134,6 +134,8 @@ def stage_inputs(recipe, stage: str) -> dict:
         for key in part.split("."):
             node = node[key]
         _flatten(node, part, flat)
+    if flat.get("data.synthetic.task") != "vision":
+        flat.pop("data.synthetic.closeup_share", None)  # vision only: text runs recorded before it match
     return {key: value for key, value in flat.items() if key not in _NOT_INPUTS[stage]}
 
 
