@@ -76,17 +76,20 @@ def write_atomic(path: Path, text: str, *, then: str = "then --resume") -> None:
 def append_whole(path: Path, text: str, *, fsync: bool = False, then: str = "then --resume") -> None:
     """Append `text` to `path` completely or not at all: on a failure the file is cut back to its
     old length (a full disk still allows shrinking), so readers never see half a line, and a
-    storage failure is raised as a StorageError naming `path`."""
+    storage failure is raised as a StorageError naming `path`. A Ctrl-C that lands after every
+    byte is written (while fsync waits) keeps the text: it is whole, and a reader may already
+    have seen it, so cutting it back would make a file seem to shrink."""
     data = memoryview(text.encode("utf-8"))
     with storage_errors(path, then=then), open(path, "ab", buffering=0) as handle:
         start = handle.seek(0, os.SEEK_END)
+        written = 0
         try:
-            written = 0
             while written < len(data):
                 written += handle.write(data[written:])
             if fsync:
                 os.fsync(handle.fileno())
-        except BaseException:
-            with suppress(OSError):
-                handle.truncate(start)
+        except BaseException as error:
+            if written < len(data) or not isinstance(error, KeyboardInterrupt):
+                with suppress(OSError):
+                    handle.truncate(start)
             raise

@@ -283,6 +283,27 @@ def test_a_full_disk_leaves_no_partial_file_and_no_half_line(tiny_disk):
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["metrics.jsonl"]  # no .partial left
 
 
+def test_ctrl_c_during_fsync_keeps_a_whole_append_and_an_fsync_error_cuts_it_back(tmp_path, monkeypatch):
+    path = tmp_path / "decisions.jsonl"
+    path.write_text('{"a": 1}\n')
+
+    def interrupted(_fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        append_whole(path, '{"b": 2}\n', fsync=True)
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n'  # a reader may already have seen it: it stays
+
+    def failed(_fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", failed)
+    with pytest.raises(StorageError):
+        append_whole(path, '{"c": 3}\n', fsync=True)
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n'  # not known to be stored: cut back
+
+
 def test_a_read_only_run_folder_is_a_clear_exit_2(tmp_path, tiny_model_dir):
     folder = tmp_path / "ro"
     folder.mkdir()
