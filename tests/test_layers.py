@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "metis_cli"
 LAYERS = [
     ["cli"], ["stages"], ["curate", "evaluation"], ["tui"], ["train"], ["agent"], ["model"],
-    ["rewards"], ["data"], ["algo"], ["telemetry"], ["recipe"], ["files"], ["errors"],
+    ["rewards"], ["data"], ["algo"], ["telemetry"], ["recipe"], ["files", "host"], ["errors"],
 ]
 """Top to bottom; packages on one line may not import each other. `__main__` and the package
 root sit above everything."""

@@ -35,6 +35,7 @@ from typing import Literal
 
 from metis_cli.data import images as image_ops
 from metis_cli.data.synthetic import answer_text, write_jsonl
+from metis_cli.host import available_cores
 
 Subset = Literal["easy", "hard"]
 
@@ -170,8 +171,7 @@ def knowledge_examples(n: int, seed: int, canvas_size: int = CANVAS_SIZE, closeu
         subset, question, answer = "easy", easy_question(), facts["colour"]
         if index in closeups:
             subset, question, answer = "hard", hard_question(facts["corner"]), facts["mark"]
-            image, _ = image_ops.zoom(image, corner_box(facts["corner"], canvas_size),
-                                      min_pixels=zoom_pixels, max_pixels=zoom_pixels)
+            (image, _), _ = _zoom_for(subset, image, facts, canvas_size, zoom_pixels)
         rows.append(_row(f"vl-knowledge-{seed}-{index}", subset, question, answer, [image],
                          [{"role": "assistant", "content": answer_text(answer)}]))
     return rows
@@ -184,8 +184,7 @@ def cold_start_trajectories(n: int, seed: int, hard_share: float = 0.5, canvas_s
     images, made by the same `zoom` the tool runs."""
     rows = []
     for row_id, subset, image, facts, question, answer in _planned("cold-start", n, seed, hard_share, canvas_size):
-        bbox = corner_box(facts["corner"], canvas_size) if subset == "hard" else centre_box(canvas_size)
-        zoomed, box = image_ops.zoom(image, bbox, min_pixels=zoom_pixels, max_pixels=zoom_pixels)
+        (zoomed, box), bbox = _zoom_for(subset, image, facts, canvas_size, zoom_pixels)
         turns = [
             {"role": "assistant", "content": zoom_call(bbox)},
             {"role": "tool", "name": "zoom_in",
@@ -194,6 +193,13 @@ def cold_start_trajectories(n: int, seed: int, hard_share: float = 0.5, canvas_s
         ]
         rows.append(_row(row_id, subset, question, answer, [image, zoomed], turns))
     return rows
+
+
+def _zoom_for(subset: Subset, image, facts: dict, canvas_size: int, zoom_pixels: int):
+    """((zoomed image, box as zoomed), requested box) of the zoom a question needs: the named
+    corner for a hard one, the middle for an easy one; the same `zoom` the tool runs."""
+    bbox = corner_box(facts["corner"], canvas_size) if subset == "hard" else centre_box(canvas_size)
+    return image_ops.zoom(image, bbox, min_pixels=zoom_pixels, max_pixels=zoom_pixels), bbox
 
 
 def rl_prompts(n: int, seed: int, hard_share: float = 0.5, canvas_size: int = CANVAS_SIZE) -> list[dict]:
@@ -230,7 +236,7 @@ def write_set(rows: list[dict], path: str | Path) -> Path:
             written.append({**row, "images": [f"{folder.name}/{name}" for name in names]})
         # PNG stays lossless at any level; level 1 writes the grainy images ~3x faster than the
         # default 6 (~12% larger), and Pillow's encoder releases the GIL, so a thread per core.
-        with ThreadPoolExecutor(max_workers=_cores()) as pool:
+        with ThreadPoolExecutor(max_workers=available_cores()) as pool:
             list(pool.map(lambda job: job[0].save(job[1], format="PNG", compress_level=1), files))
         if folder.exists():
             shutil.rmtree(folder)
@@ -238,11 +244,6 @@ def write_set(rows: list[dict], path: str | Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return write_jsonl(written, path)
-
-
-def _cores() -> int:
-    """The cores this process may run on (data/ sits below model/runtime.py's helper)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _planned(stream: str, n: int, seed: int, hard_share: float, canvas_size: int) -> list[tuple]:

@@ -10,12 +10,7 @@ from __future__ import annotations
 import os
 import random
 
-
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+from metis_cli.host import available_cores
 
 
 def setup_threads(requested: int = 0) -> int:

@@ -78,7 +78,8 @@ class HdpoStage(HdpoCheckpoints):
     def setup(self) -> None:
         from metis_cli.rewards.preflight import preflight
         from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
-        from metis_cli.model.runtime import available_cores, pick_device, quiet_libraries, seed_everything, setup_threads
+        from metis_cli.host import available_cores
+        from metis_cli.model.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
         from metis_cli.stages.hdpo_dist import check
         from metis_cli.train.distributed import init_distributed, run_on_main, training_timeouts
 
