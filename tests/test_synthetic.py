@@ -161,6 +161,20 @@ def test_synthetic_files_follow_the_recipe_parameters(tmp_path):
     assert changed != first and changed.read_text() != first.read_text()
 
 
+def test_a_field_only_another_task_reads_leaves_a_set_file_unchanged(tmp_path):
+    from metis_cli.data.sources import materialize_synthetic
+    from metis_cli.recipe.load import validate_data
+
+    def recipe(**synthetic_cfg):
+        return validate_data({"run": {"output_dir": str(tmp_path)}, "model": {"name_or_path": "m"},
+                              "data": {"synthetic": {"knowledge_examples": 4, **synthetic_cfg}}})
+
+    text = materialize_synthetic("knowledge", recipe())
+    assert materialize_synthetic("knowledge", recipe(closeup_share=0.5)) == text  # vision-only field
+    vision = materialize_synthetic("knowledge", recipe(task="vision"))
+    assert materialize_synthetic("knowledge", recipe(task="vision", closeup_share=0.5)) != vision
+
+
 def test_every_synthetic_set_a_recipe_may_name_has_rows_and_others_are_refused():
     from metis_cli.data.sources import synthetic_rows
     from metis_cli.errors import DataError, RecipeError

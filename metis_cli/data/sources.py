@@ -58,10 +58,10 @@ def materialize_synthetic(name: str, recipe) -> Path:
     import json
 
     cfg = recipe.data.synthetic
-    # The arithmetic digest leaves `task` out, and the text tasks leave the vision-only
-    # `closeup_share` out, so their file names are those written before either existed (runs
-    # made then are reused, not regenerated).
-    exclude = ({"task"} if cfg.task == "arithmetic" else set()) | ({"closeup_share"} if cfg.task != "vision" else set())
+    # The arithmetic digest leaves `task` out, and every task leaves out the fields only another
+    # task reads, so file names are those written before such fields existed (runs made then
+    # are reused, not regenerated).
+    exclude = ({"task"} if cfg.task == "arithmetic" else set()) | cfg.fields_for_other_tasks()
     params = json.dumps(cfg.model_dump(mode="json", exclude=exclude or None), sort_keys=True)
     digest = hashlib.blake2b(f"{name}:{params}".encode(), digest_size=4).hexdigest()
     path = Path(recipe.run.output_dir) / "data" / f"{name}-{digest}.jsonl"

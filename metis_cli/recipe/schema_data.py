@@ -57,6 +57,15 @@ class SyntheticConfig(Section):
     rl_prompts: int = Field(2000, ge=0, description="RL prompts.")
     eval_per_subset: int = Field(100, gt=0, description="Held-out eval prompts per subset (easy, hard).")
 
+    def fields_for_other_tasks(self) -> set[str]:
+        """Fields only another task reads. Data digests and stage inputs leave them out, so a
+        run made before such a field was added still matches (reused, resumable)."""
+        return {name for name, task in _ONE_TASK_FIELDS.items() if task != self.task}
+
+
+_ONE_TASK_FIELDS = {"closeup_share": "vision"}
+"""SyntheticConfig fields that only one task reads, and that task."""
+
 
 class DataConfig(Section):
     synthetic: SyntheticConfig = Field(

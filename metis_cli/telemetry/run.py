@@ -134,8 +134,8 @@ def stage_inputs(recipe, stage: str) -> dict:
         for key in part.split("."):
             node = node[key]
         _flatten(node, part, flat)
-    if flat.get("data.synthetic.task") != "vision":
-        flat.pop("data.synthetic.closeup_share", None)  # vision only: text runs recorded before it match
+    for name in recipe.data.synthetic.fields_for_other_tasks():  # runs recorded before the field match
+        flat.pop(f"data.synthetic.{name}", None)
     return {key: value for key, value in flat.items() if key not in _NOT_INPUTS[stage]}
 
 
