@@ -214,6 +214,20 @@ def test_closeup_knowledge_is_the_zoom_output_answered_directly_and_leaves_the_r
         plain[5]["images"][0].tobytes()
 
 
+def test_the_cold_starts_direct_answers_are_easy_rows_on_the_same_images():
+    zooming = synthetic_vl.cold_start_trajectories(40, seed=2)
+    mixed = synthetic_vl.cold_start_trajectories(40, seed=2, direct_answer_share=0.25)
+    easy = [row["subset"] for row in zooming].count("easy")
+    direct = [row for row in mixed if len(row["messages"]) == 3]  # system, user, the answer: no zoom
+    assert len(direct) == round(easy * 0.25) > 0 and all(row["subset"] == "easy" for row in direct)
+    assert all(row["messages"][2]["content"] == f"<answer>{row['answer']}</answer>" and len(row["images"]) == 1
+               for row in direct)
+    for before, row in zip(zooming, mixed):
+        assert before["images"][0].tobytes() == row["images"][0].tobytes() and before["answer"] == row["answer"]
+        if len(row["messages"]) != 3:
+            assert row["messages"] == before["messages"]
+
+
 def test_the_palette_keeps_every_pair_of_colours_far_apart():
     names = sorted(synthetic_vl.COLOURS)
     distances = [sum((a - b) ** 2 for a, b in zip(synthetic_vl.COLOURS[x], synthetic_vl.COLOURS[y])) ** 0.5

@@ -29,7 +29,8 @@ def synthetic_rows(name: str, synthetic_cfg) -> list[dict]:
         if name == "knowledge":
             return synthetic_vl.knowledge_examples(cfg.knowledge_examples, cfg.seed, closeup_share=cfg.closeup_share)
         if name == "cold_start":
-            return synthetic_vl.cold_start_trajectories(cfg.cold_start_examples, cfg.seed + 1, cfg.hard_share)
+            return synthetic_vl.cold_start_trajectories(cfg.cold_start_examples, cfg.seed + 1, cfg.hard_share,
+                                                        cfg.direct_answer_share)
         if name == "rl":
             return synthetic_vl.rl_prompts(cfg.rl_prompts, cfg.seed + 2, cfg.hard_share)
         return synthetic_vl.eval_prompts(cfg.eval_per_subset, cfg.seed + 3)
@@ -63,6 +64,8 @@ def materialize_synthetic(name: str, recipe) -> Path:
     # are reused, not regenerated).
     exclude = ({"task"} if cfg.task == "arithmetic" else set()) | cfg.fields_for_other_tasks()
     params = json.dumps(cfg.model_dump(mode="json", exclude=exclude or None), sort_keys=True)
+    if cfg.task == "vision" and name == "cold_start":
+        params += ":direct"  # older vision cold starts ignored direct_answer_share: never reuse them
     digest = hashlib.blake2b(f"{name}:{params}".encode(), digest_size=4).hexdigest()
     path = Path(recipe.run.output_dir) / "data" / f"{name}-{digest}.jsonl"
     if not path.exists():

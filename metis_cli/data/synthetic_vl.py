@@ -177,13 +177,23 @@ def knowledge_examples(n: int, seed: int, canvas_size: int = CANVAS_SIZE, closeu
     return rows
 
 
-def cold_start_trajectories(n: int, seed: int, hard_share: float = 0.5, canvas_size: int = CANVAS_SIZE,
-                            zoom_pixels: int = ZOOM_PIXELS) -> list[dict]:
-    """`n` conversations that zoom for everything (blind tool use): hard ones into the named
-    corner, easy ones into the middle, then answer. The zoomed image is the second of the row's
-    images, made by the same `zoom` the tool runs."""
+def cold_start_trajectories(n: int, seed: int, hard_share: float = 0.5, direct_answer_share: float = 0.0,
+                            canvas_size: int = CANVAS_SIZE, zoom_pixels: int = ZOOM_PIXELS) -> list[dict]:
+    """`n` conversations that zoom (blind tool use): hard ones into the named corner, easy ones
+    into the middle, then answer; `direct_answer_share` of the easy ones are answered without the
+    tool instead (the rare direct answers of a real cold start, which make the choice depend on
+    the question before RL starts). The zoomed image is the second of the row's images, made by
+    the same `zoom` the tool runs. Which easy rows are direct comes from its own seed stream, so
+    the images are those of the set without direct answers."""
+    planned = _planned("cold-start", n, seed, hard_share, canvas_size)
+    easy = [index for index, row in enumerate(planned) if row[1] == "easy"]
+    direct = set(random.Random(f"vl-cold-start-direct-{seed}").sample(easy, round(len(easy) * direct_answer_share)))
     rows = []
-    for row_id, subset, image, facts, question, answer in _planned("cold-start", n, seed, hard_share, canvas_size):
+    for index, (row_id, subset, image, facts, question, answer) in enumerate(planned):
+        if index in direct:
+            rows.append(_row(row_id, subset, question, answer, [image],
+                             [{"role": "assistant", "content": answer_text(answer)}]))
+            continue
         (zoomed, box), bbox = _zoom_for(subset, image, facts, canvas_size, zoom_pixels)
         turns = [
             {"role": "assistant", "content": zoom_call(bbox)},

@@ -41,8 +41,8 @@ class SyntheticConfig(Section):
     knowledge_examples: int = Field(4000, ge=0, description="Direct answers to easy questions (what a base model knows).")
     cold_start_examples: int = Field(20000, ge=0, description="Cold-start tool-use trajectories.")
     direct_answer_share: float = Field(
-        0.1, ge=0, le=1, description="Share of easy cold-start questions answered without the tool (arithmetic task; "
-        "the vision cold start zooms for every question)."
+        0.1, ge=0, le=1, description="Share of easy cold-start questions answered without the tool (the rare direct "
+        "answers of a real cold start; every task)."
     )
     hard_share: float = Field(0.5, ge=0, le=1, description="Share of hard questions in cold-start and RL data.")
     closeup_share: float = Field(
