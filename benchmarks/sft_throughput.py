@@ -4,8 +4,8 @@ worktree of this repository), `padded` -- today's code with `sft.packing: false`
 today's default. Ratios packed/before (the issue's target: >= 2x, recipe-weighted) and
 packed/padded (what packing alone gives on top of everything else since).
 
-Run (alone: it uses the CPU fully; padded + packed about 4 minutes with the defaults, plus the
-before side, not yet timed; --before-ref '' leaves it out):
+Run (alone: it uses the CPU fully; about 6 minutes with the defaults, 2 of them the before side;
+--before-ref '' leaves it out):
     .venv/bin/python benchmarks/sft_throughput.py [--rounds 2 --knowledge-epochs 1 --cold-start-epochs 0.1]
 
 Workload: recipes/tiny.yaml as the main job runs it (the ~1M-parameter Qwen3 built from its
