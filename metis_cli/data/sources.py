@@ -64,8 +64,11 @@ def materialize_synthetic(name: str, recipe) -> Path:
     # are reused, not regenerated).
     exclude = ({"task"} if cfg.task == "arithmetic" else set()) | cfg.fields_for_other_tasks()
     params = json.dumps(cfg.model_dump(mode="json", exclude=exclude or None), sort_keys=True)
-    if cfg.task == "vision" and name == "cold_start":
-        params += ":direct"  # older vision cold starts ignored direct_answer_share: never reuse them
+    if cfg.task == "vision":
+        from metis_cli.data.synthetic_vl import DIGEST_REVISIONS
+
+        if name in DIGEST_REVISIONS:
+            params += f":{DIGEST_REVISIONS[name]}"
     digest = hashlib.blake2b(f"{name}:{params}".encode(), digest_size=4).hexdigest()
     path = Path(recipe.run.output_dir) / "data" / f"{name}-{digest}.jsonl"
     if not path.exists():

@@ -39,6 +39,10 @@ from metis_cli.host import available_cores
 
 Subset = Literal["easy", "hard"]
 
+DIGEST_REVISIONS = {"cold_start": "direct"}
+"""A tag added to a set's file digest when its rows changed for the same recipe parameters, so
+older files are not reused: the cold start once ignored `direct_answer_share`."""
+
 SYSTEM_PROMPT = "Answer the question about the image. Use zoom_in to look closer if needed."
 CANVAS_SIZE = 256
 ZOOM_PIXELS = 64 * 64
@@ -172,8 +176,7 @@ def knowledge_examples(n: int, seed: int, canvas_size: int = CANVAS_SIZE, closeu
         if index in closeups:
             subset, question, answer = "hard", hard_question(facts["corner"]), facts["mark"]
             (image, _), _ = _zoom_for(subset, image, facts, canvas_size, zoom_pixels)
-        rows.append(_row(f"vl-knowledge-{seed}-{index}", subset, question, answer, [image],
-                         [{"role": "assistant", "content": answer_text(answer)}]))
+        rows.append(_direct_row(f"vl-knowledge-{seed}-{index}", subset, question, answer, image))
     return rows
 
 
@@ -191,8 +194,7 @@ def cold_start_trajectories(n: int, seed: int, hard_share: float = 0.5, direct_a
     rows = []
     for index, (row_id, subset, image, facts, question, answer) in enumerate(planned):
         if index in direct:
-            rows.append(_row(row_id, subset, question, answer, [image],
-                             [{"role": "assistant", "content": answer_text(answer)}]))
+            rows.append(_direct_row(row_id, subset, question, answer, image))
             continue
         (zoomed, box), bbox = _zoom_for(subset, image, facts, canvas_size, zoom_pixels)
         turns = [
@@ -301,6 +303,11 @@ def _with_grain(image, rng: random.Random):
 
     noise = np.random.default_rng(rng.getrandbits(64)).integers(-GRAIN, GRAIN + 1, size=(*image.size[::-1], 3))
     return Image.fromarray(np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8), mode="RGB")
+
+
+def _direct_row(row_id: str, subset: Subset, question: str, answer: str, image) -> dict:
+    """A question on one image answered without the tool."""
+    return _row(row_id, subset, question, answer, [image], [{"role": "assistant", "content": answer_text(answer)}])
 
 
 def _row(row_id: str, subset: Subset, question: str, answer: str, row_images: list, turns: list[dict]) -> dict:
