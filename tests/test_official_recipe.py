@@ -22,6 +22,7 @@ OFFICIAL = {
     "hdpo.ppo_epochs": 1,                       # actor.ppo_epochs=1 (default)
     "hdpo.steps": 200,                          # trainer.total_training_steps=200
     "hdpo.lr": 1e-6,                            # actor.optim.lr=1e-6, lr_warmup_steps=-1, constant schedule
+    "hdpo.schedule": "constant", "hdpo.warmup_ratio": 0.0,
     "hdpo.weight_decay": 0.01,                  # actor.optim.weight_decay=0.01 (default)
     "hdpo.grad_clip": 1.0,                      # actor.grad_clip=1.0 (default)
     "hdpo.clip_eps": 0.2,                       # actor.clip_ratio=0.2 (default)

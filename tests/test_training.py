@@ -132,6 +132,21 @@ def test_killed_run_resumes_from_checkpoint(sft_run, tmp_path, kill_mid_run):
     AutoModelForCausalLM.from_pretrained(stage_dir / "final")
 
 
+def test_hdpo_lr_schedule_follows_the_step_count(sft_run, tmp_path):
+    """hdpo.schedule cosine after one warmup step of four: each step trains at lr x (1/2, 1, 3/4, 1/4);
+    constant trains every step at hdpo.lr."""
+    def lrs(name: str, **extra: str) -> list[float]:
+        overrides = small_overrides(sft_run, **{"hdpo.steps": "4", "hdpo.lr": "1e-4", "hdpo.eval_every": "100",
+                                                "hdpo.output": str(tmp_path / name), **extra})
+        result = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", "--quiet", *cli(overrides)])
+        assert result.exit_code == 0, result.output
+        return [r["lr"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["step"] > 0]
+
+    assert lrs("cosine", **{"hdpo.schedule": "cosine", "hdpo.warmup_ratio": "0.25"}) == pytest.approx(
+        [0.5e-4, 1e-4, 0.75e-4, 0.25e-4], rel=1e-9)
+    assert lrs("constant", **{"hdpo.schedule": "constant"}) == [1e-4] * 4
+
+
 def test_run_pipeline_reuses_finished_stages_and_prints_table(sft_run, tmp_path):
     overrides = small_overrides(sft_run, **{"hdpo.steps": "1", "hdpo.output": str(tmp_path / "hdpo")})
     first = CliRunner().invoke(app, ["run", "recipes/tiny.yaml", *cli(overrides)])

@@ -68,6 +68,12 @@ class HdpoConfig(Section):
     )
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the frozen initial policy (paper: 0).")
     lr: float = Field(1e-6, gt=0, description="Learning rate.")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="LR over the RL steps: constant (the paper and the reference trainer), or a cosine "
+        "or linear decay towards 0 at the last step after `warmup_ratio` of the steps of linear warmup. Set from "
+        "the step count at every step, so a resumed run continues the same curve."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the RL steps with linear LR warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Max gradient norm.")
     ppo_epochs: int = Field(1, gt=0, description="Passes over each step's rollouts (each pass: one optimizer "

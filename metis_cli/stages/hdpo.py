@@ -170,6 +170,14 @@ class HdpoStage(HdpoCheckpoints):
         self.weights = MasterWeights(self.model, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.optimizer = self.weights.optimizer
 
+    def _set_lr(self) -> None:
+        """The LR of the step about to train (`hdpo.schedule`), from the step count alone."""
+        from metis_cli.stages.sft_data import lr_factor
+
+        lr = self.cfg.lr * lr_factor(self.step, [(0, self.cfg.steps)], self.cfg.warmup_ratio, self.cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     # ------------------------------------------------------------------------------ step
     def rollout_step(self, examples):
         """Sample G rollouts per example of this process's share of `examples` (all of them on one
@@ -266,6 +274,7 @@ class HdpoStage(HdpoCheckpoints):
                     self._stop_for_fault(fault, rng_at_start)
                 batch, advantages = self.advantages(everyone, all_scores)
                 update_start = time.time()
+                self._set_lr()
                 update = self.update(rollouts, batch, advantages, everyone)
                 update_s = time.time() - update_start
                 self.step += 1
