@@ -172,7 +172,7 @@ class HdpoStage(HdpoCheckpoints):
 
     def _set_lr(self) -> None:
         """The LR of the step about to train (`hdpo.schedule`), from the step count alone."""
-        from metis_cli.stages.sft_data import lr_factor
+        from metis_cli.train.lr_schedule import lr_factor
 
         lr = self.cfg.lr * lr_factor(self.step, [(0, self.cfg.steps)], self.cfg.warmup_ratio, self.cfg.schedule)
         for group in self.optimizer.param_groups:

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metis_cli.errors import DataError, RunFolderError
-from metis_cli.stages.sft_data import batch_plan, epoch_of, lr_factor, phase_bounds, tokenize_phases
+from metis_cli.stages.sft_data import batch_plan, epoch_of, phase_bounds, tokenize_phases
 from metis_cli.telemetry import metrics as m
+from metis_cli.train.lr_schedule import lr_factor
 
 
 @dataclass
@@ -128,7 +129,7 @@ class SftStage:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
-        """Each phase warms up and decays on its own (stages/sft_data.py `lr_factor`). Kept a
+        """Each phase warms up and decays on its own (`train.lr_schedule.lr_factor`). Kept a
         method: LambdaLR's state_dict stores a method's (empty) __dict__, a function's as None,
         so checkpoints stay as they were."""
         return lr_factor(step, self.bounds, self.cfg.warmup_ratio, self.cfg.schedule)

@@ -7,8 +7,8 @@
   phase for the eval loss.
 - Plan: every micro-batch of the run as (phase, row indices), fixed by the seed, so a resumed
   run skips exactly the batches already trained.
-- Schedule: each phase's optimizer steps, its own warmup and decay (`lr_factor`), and the epoch
-  a step is in.
+- Schedule: each phase's optimizer steps (the LR curve over them: `train.lr_schedule.lr_factor`),
+  and the epoch a step is in.
 
 Pure bookkeeping: must not touch the model, the optimizer or the run folder.
 """
@@ -118,25 +118,6 @@ def phase_bounds(plan: list[tuple[int, list[int]]], phase_count: int, grad_accum
         bounds.append((start, steps))
         start += steps
     return bounds
-
-
-def lr_factor(step: int, bounds: list[tuple[int, int]], warmup_ratio: float, schedule: str) -> float:
-    """The LR multiplier at optimizer step `step`. Each phase gets its own warmup and decay, as
-    if it were a fine-tuning run of its own on the weights the previous phase left (a knowledge
-    phase's decayed LR would otherwise starve the cold-start phase)."""
-    for start, steps in bounds:
-        if step < start + steps or (start, steps) == bounds[-1]:
-            break
-    local, steps = step - start, max(steps, 1)
-    warmup = int(warmup_ratio * steps)
-    if local < warmup:
-        return (local + 1) / (warmup + 1)
-    progress = min(1.0, (local - warmup) / max(1, steps - warmup))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 1.0
 
 
 def epoch_of(step: int, plan: list[tuple[int, list[int]]], phases: list[list[Row]], *, grad_accum: int,
