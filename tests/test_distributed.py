@@ -256,15 +256,19 @@ def test_two_process_hdpo_writes_one_row_per_step_and_a_final_that_eval_loads(rl
 def test_one_hdpo_update_on_two_processes_equals_one_process(tiny_model_dir):
     result = torchrun_worker("hdpo_update_worker.py", tiny_model_dir)
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["setting"] for r in reports] == ["on_policy", "off_policy"]
+    assert [r["setting"] for r in reports] == ["on_policy", "off_policy", "ptx"]
     for report in reports:
-        for name in ("loss", "loss_tool", "entropy"):
+        for name in ("loss", "loss_tool", "entropy", "ptx_loss"):
             one, two = report[name]
+            if name == "ptx_loss" and report["setting"] != "ptx":
+                assert one is None and two is None, report
+                continue
             assert abs(one - two) < 1e-5, (report["setting"], name, one, two)
         one, two = report["grad_norm"]
         assert abs(one - two) < 1e-5 * one, report
         assert report["worst_weight_difference"] < 1e-5, report
         assert report["least_moved_weight"] > 1e-4, report  # every tensor took a real step
+    assert reports[2]["ptx_loss"][0] > 1.0, reports[2]  # rehearsal rows of random tokens: a real loss
 
 
 @slow

@@ -46,7 +46,7 @@ def step_metrics(rollouts, scores, estimator="hdpo", update=None, **extra) -> St
 
 
 def test_step_record_writes_only_schema_names_and_every_hdpo_name():
-    record = step_metrics(ROLLOUTS, SCORES, update=UpdateFigures(loss=0.5), checkpoint="ckpt",
+    record = step_metrics(ROLLOUTS, SCORES, update=UpdateFigures(loss=0.5, ptx_loss=1.5), checkpoint="ckpt",
                           eval={m.eval_key("easy", m.ACCURACY): 0.5}).to_record()
     assert m.unknown_keys(record) == []
     assert set(m.fields("hdpo")) == {key for key in record if m.split_eval_key(key) is None}
@@ -59,6 +59,7 @@ def test_step_record_leaves_out_what_the_step_did_not_measure():
     record = step_metrics(ROLLOUTS, SCORES, estimator="grpo").to_record()
     assert m.ADV_ACC_MEAN in record and m.ADV_TOOL_MEAN not in record  # one channel
     assert m.LOSS not in record and m.CHECKPOINT not in record  # nothing trained, nothing saved
+    assert m.PTX_LOSS not in step_metrics(ROLLOUTS, SCORES, update=UpdateFigures(loss=0.5)).to_record()  # ptx off
     assert not [key for key in record if m.split_eval_key(key)]
 
 

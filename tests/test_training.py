@@ -147,6 +147,38 @@ def test_hdpo_lr_schedule_follows_the_step_count(sft_run, tmp_path):
     assert lrs("constant", **{"hdpo.schedule": "constant"}) == [1e-4] * 4
 
 
+def test_hdpo_ptx_rehearses_every_step_and_resumes_identically(sft_run, tmp_path):
+    """hdpo.ptx on: every trained step logs ptx_loss; the first step samples and scores as the
+    same run without it (same policy) and its RL loss is the same, but the rehearsal gradient
+    changes the update; a run resumed from its step-2 checkpoint repeats step 3 exactly."""
+    import shutil
+
+    def hdpo(name: str, *flags: str, **extra: str) -> list[dict]:
+        overrides = small_overrides(sft_run, **{"hdpo.eval_every": "100", "hdpo.output": str(tmp_path / name),
+                                                "hdpo.save_every": "2", **extra})
+        result = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", "--quiet", *flags, *cli(overrides)])
+        assert result.exit_code == 0, result.output
+        return [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["step"] > 0]
+
+    ptx = {"hdpo.ptx.coef": "0.5", "hdpo.ptx.batch_size": "8",
+           "hdpo.ptx.data": '[{path: "synthetic:knowledge", limit: 64}]'}
+    plain = hdpo("plain")
+    rehearsed = hdpo("ptx", **ptx)
+    assert all("ptx_loss" not in r for r in plain)
+    trained = [r for r in rehearsed if r["rollouts_trained"] > 0]
+    assert len(trained) == 3 and all(r["ptx_loss"] > 0 for r in trained)
+    assert rehearsed[0]["accuracy"] == plain[0]["accuracy"] and rehearsed[0]["loss"] == pytest.approx(plain[0]["loss"])
+    assert rehearsed[0]["grad_norm"] != pytest.approx(plain[0]["grad_norm"])
+    assert not [(r["step"], unknown_keys(r)) for r in rehearsed if unknown_keys(r)]
+
+    stage = tmp_path / "ptx"  # as if killed after the step-2 checkpoint
+    shutil.rmtree(stage / "final")
+    (stage / "DONE.json").unlink()
+    resumed = hdpo("ptx", "--resume", **ptx)
+    keys = ("step", "accuracy", "loss", "ptx_loss", "grad_norm", "update_rms")
+    assert [{k: r.get(k) for k in keys} for r in resumed] == [{k: r.get(k) for k in keys} for r in rehearsed]
+
+
 def test_run_pipeline_reuses_finished_stages_and_prints_table(sft_run, tmp_path):
     overrides = small_overrides(sft_run, **{"hdpo.steps": "1", "hdpo.output": str(tmp_path / "hdpo")})
     first = CliRunner().invoke(app, ["run", "recipes/tiny.yaml", *cli(overrides)])

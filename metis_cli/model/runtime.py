@@ -54,6 +54,8 @@ HDPO_EPOCH_ORDER_SEED = (7919, 1)
 """(run.seed, epoch): the permutation of RL prompts hdpo walks through in that epoch."""
 HDPO_STEP_SEED = (100_003, 1)
 """(run.seed, step): the seed of one hdpo step's rollouts."""
+HDPO_PTX_ORDER_SEED = (104_729, 1)
+"""(run.seed, epoch): the permutation of `hdpo.ptx` rehearsal rows hdpo walks through in that epoch."""
 CURATE_BATCH_SEED = (1_000_003, 10_000_019, 1)
 """(run.seed, source index, ordinal of the batch's first row): a curate sampling batch's rollouts."""
 CHAT_QUESTION_SEED = (1, 1)

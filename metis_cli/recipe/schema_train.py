@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from metis_cli.recipe.schema_data import DataSource
 from metis_cli.recipe.section import Section
@@ -47,6 +47,28 @@ class CoupledConfig(Section):
         "penalty", description="penalty: r_acc - coef*T; bonus: r_acc + coef*r_tool."
     )
     coef: float = Field(0.1, ge=0, description="lambda (penalty) or alpha (bonus).")
+
+
+class PtxConfig(Section):
+    coef: float = Field(
+        0.0, ge=0, description="Weight of the rehearsal loss (PPO-ptx): each optimizer step of the policy update also "
+        "trains coef x the token-mean SFT cross-entropy of `batch_size` rows of `data`. 0 = off (the paper)."
+    )
+    data: list[DataSource] = Field(
+        default_factory=list, description="Trajectories to rehearse, as sft.phases[].data (e.g. what SFT taught "
+        "the model to know, so RL does not erode it). Text rows only."
+    )
+    batch_size: int = Field(16, gt=0, description="Rehearsal rows per optimizer step (split over the processes).")
+
+    @model_validator(mode="after")
+    def _data_when_on(self) -> PtxConfig:
+        if self.coef > 0 and not self.data:
+            raise ValueError("coef > 0 needs data: the trajectories to rehearse, e.g. data: [{path: data/sft.jsonl}]")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef > 0
 
 
 class HdpoConfig(Section):
@@ -95,6 +117,8 @@ class HdpoConfig(Section):
         "rollouts, as the reference trainer (depends on micro_batch_size; docs/algorithm.md)."
     )
     coupled: CoupledConfig = Field(default_factory=CoupledConfig, description="Settings of the coupled baseline.")
+    ptx: PtxConfig = Field(default_factory=PtxConfig, description="Rehearsal of SFT rows during RL (PPO-ptx); off by "
+                           "default (docs/algorithm.md).")
     drop_no_signal_groups: bool = Field(
         False, description="Leave out of the update the groups without a learning signal in either channel "
         "(every rollout has A_acc = 0 and A_tool = 0)."

@@ -21,7 +21,9 @@ What one step does (docs/algorithm.md; how it runs: docs/rl-step.md):
      default, as in the paper). Old log-probs are the trainer's own (recomputed), not the
      sampler's; the gap is logged as `logprob_mismatch`. One optimizer step per mini-batch of
      whole groups (`hdpo.mini_batches`, x `ppo_epochs`); after the first the ratio moves off 1
-     and the clip (and `hdpo.dual_clip_c`) acts. Aggregation: `hdpo.loss_agg`.
+     and the clip (and `hdpo.dual_clip_c`) acts. Aggregation: `hdpo.loss_agg`. Optional
+     rehearsal (`hdpo.ptx`, off by default): each optimizer step also trains coef x the SFT
+     cross-entropy of a few rows it names (`stages.hdpo_ptx`).
   Early on few groups have two correct rollouts, so the efficiency channel is mostly silent and
   accuracy dominates; as accuracy rises it switches on by itself (`efficiency_group_share`).
 Baselines (`hdpo.estimator`): grpo (accuracy channel only), coupled (one scalar reward
@@ -102,6 +104,7 @@ class HdpoStage(HdpoCheckpoints):
         self._setup_data()
         self._setup_model(self.cfg.init_from, field_name="hdpo.init_from")
         self._setup_engine()
+        self._setup_rehearsal()
         self._setup_optimizer()
         if self.resume:
             self._resume()
@@ -154,6 +157,18 @@ class HdpoStage(HdpoCheckpoints):
         self.checker = build_checker(self.recipe.reward)
         self.held_out = HeldOutEval(self.eval_examples, self.dist, with_images=self.vision is not None)
         self._setup_guard()
+
+    def _setup_rehearsal(self) -> None:
+        """`hdpo.ptx` rows (`stages.hdpo_ptx`), or None when it is off."""
+        from metis_cli.stages.hdpo_ptx import Rehearsal
+
+        self.rehearsal = Rehearsal.from_recipe(self.recipe, self.tokenizer, self.registry.specs(),
+                                               rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def _rehearse(self, index: int, scope) -> float:
+        """The rehearsal loss of this step's `index`-th optimizer step, backpropagated."""
+        updates_per_step = self.cfg.ppo_epochs * self.cfg.mini_batches
+        return self.rehearsal.backward(self.model, self.step * updates_per_step + index, self.device, scope)
 
     def _setup_guard(self) -> None:
         from metis_cli.stages.hdpo_guard import FaultGuard
@@ -216,6 +231,7 @@ class HdpoStage(HdpoCheckpoints):
             pad_token_id=self.tokenizer.pad_token_id, temperature=self.recipe.rollout.temperature,
             logits_budget_mib=self.recipe.model.logits_budget_mib,
             device=self.device, reference=self.reference, vision=self.vision,
+            rehearse=self._rehearse if self.rehearsal is not None else None,
         )
         if self.dist.enabled:
             copy_full_weights(self.model, self.rollout_model)

@@ -85,6 +85,11 @@ def check(recipe, context: DistributedContext) -> None:
         raise MetisError(f"hdpo.prompts_per_step ({recipe.hdpo.prompts_per_step}) is below the number of processes "
                          f"({context.world_size}): each process rolls out whole groups; set it to at least "
                          f"{context.world_size} (a multiple of it keeps the processes evenly loaded)")
+    ptx = recipe.hdpo.ptx
+    if ptx.enabled and ptx.batch_size % context.world_size:
+        raise MetisError(f"hdpo.ptx.batch_size ({ptx.batch_size}) is not a multiple of the number of processes "
+                         f"({context.world_size}): each process rehearses an equal share of the rows (one FSDP "
+                         f"forward each); set it to a multiple of {context.world_size}")
     if recipe.rollout.backend != "hf":
         raise MetisError(f"rollout.backend: {recipe.rollout.backend} is not wired for several processes yet; "
                          "use rollout.backend: hf with --nproc-per-node, or one process for vllm")
@@ -212,7 +217,8 @@ class UpdateScope:
 
     def reduce(self, figures: UpdateFigures) -> UpdateFigures:
         """The step's figures from every rank's shares of them."""
-        names = [f.name for f in fields(figures) if f.name not in PER_STEP_FIGURES]
+        names = [f.name for f in fields(figures)
+                 if f.name not in PER_STEP_FIGURES and getattr(figures, f.name) is not None]
         totals = all_reduce_sum(self.context, [getattr(figures, name) for name in names])
         return replace(figures, **dict(zip(names, totals)))
 

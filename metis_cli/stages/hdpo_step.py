@@ -27,12 +27,21 @@ from metis_cli.telemetry import metrics as m
 def step_prompts(prompt_count: int, per_step: int, run_seed: int, step: int) -> list[int]:
     """Prompt indices of a step: epochs of seeded permutations, so a resumed run continues
     exactly where the killed one was."""
-    indices = []
-    for position in range(step * per_step, (step + 1) * per_step):
-        epoch, offset = divmod(position, prompt_count)
-        order = list(range(prompt_count))
-        random.Random(derive_seed(HDPO_EPOCH_ORDER_SEED, run_seed, epoch)).shuffle(order)
-        indices.append(order[offset])
+    return seeded_walk(prompt_count, step * per_step, per_step, HDPO_EPOCH_ORDER_SEED, run_seed)
+
+
+def seeded_walk(count: int, start: int, n: int, weights: tuple[int, int], run_seed: int) -> list[int]:
+    """Positions start .. start + n - 1 of a walk through `count` items in epochs, each epoch a
+    permutation seeded by `derive_seed(weights, run_seed, epoch)`: indices into the items. A pure
+    function of its arguments, so a resumed run draws what the killed one would have."""
+    indices, orders = [], {}
+    for position in range(start, start + n):
+        epoch, offset = divmod(position, count)
+        if epoch not in orders:
+            order = list(range(count))
+            random.Random(derive_seed(weights, run_seed, epoch)).shuffle(order)
+            orders[epoch] = order
+        indices.append(orders[epoch][offset])
     return indices
 
 
@@ -109,7 +118,7 @@ class StepMetrics:
             if stats is not None:
                 record.update({f"{channel}_{name}": value for name, value in stats.items()})
         if self.update is not None:
-            record.update(asdict(self.update))
+            record.update({name: value for name, value in asdict(self.update).items() if value is not None})
         record.update({
             m.ROLLOUT_S: self.rollout_s, m.UPDATE_S: self.update_s, m.STEP_S: self.step_s,
             m.ELAPSED_S: self.elapsed_s, m.LR: self.lr, m.TOKENS_PER_S: self.tokens_per_s,

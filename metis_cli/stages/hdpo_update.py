@@ -40,7 +40,9 @@ class UpdateFigures:
         weighted by its share of the step's trained tokens (later mini-batches are off-policy,
         so their clip fractions can be > 0);
     kl: the same token-share weighting, averaged over all PPO epochs (0 without a reference);
-    grad_norm, update_rms: of the first optimizer step (`train.optimizer.StepStats`).
+    grad_norm, update_rms: of the first optimizer step (`train.optimizer.StepStats`);
+    ptx_loss: with `hdpo.ptx` on, the rehearsal rows' token-mean cross-entropy, first epoch, mean
+        over the mini-batches (`stages.hdpo_ptx`); None (not logged) when it is off.
     """
 
     loss: float = 0.0
@@ -53,6 +55,7 @@ class UpdateFigures:
     logprob_mismatch: float = 0.0
     grad_norm: float = 0.0
     update_rms: float = 0.0
+    ptx_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def mini_batch_rows(group_ids: Tensor, count: int, groups: Tensor | None = None)
 
 
 def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages, cfg, *, pad_token_id: int,
-                  temperature: float, device, reference=None, vision=None, scope=None,
+                  temperature: float, device, reference=None, vision=None, scope=None, rehearse=None,
                   logits_budget_mib: float | None = DEFAULT_LOGITS_BUDGET_MIB) -> UpdateFigures:
     """`cfg.ppo_epochs` x `cfg.mini_batches` PPO-clip optimizer steps on the `kept` rollouts (at least one).
 
@@ -150,6 +153,9 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
         scope: with several processes, this process's view of the others
             (`stages.hdpo_dist.UpdateScope`): `kept` are then its own whole groups (possibly none),
             denominators and figures cover every process's rollouts; None on one process.
+        rehearse: with `hdpo.ptx` on, `(index, scope) -> float` that backpropagates the rehearsal
+            loss of the step's `index`-th optimizer step (epoch x cfg.mini_batches + mini-batch)
+            and returns its figure (`stages.hdpo_ptx.Rehearsal.backward`); None: off.
     """
     group_ids = torch.tensor([r.prompt_index for r in kept], dtype=torch.long)
     minis = [micro_batches([kept[i] for i in rows.tolist()], advantages.select(rows), cfg.micro_batch_size,
@@ -199,6 +205,10 @@ def policy_update(model, optimizer, kept: list[Rollout], advantages: Advantages,
                     figures.entropy += float(masked_mean(entropy, chunk.loss_mask)) * share
                     mismatch = (logp.detach() - chunk.sampler_logprobs).abs()
                     figures.logprob_mismatch += float(masked_mean(mismatch, chunk.loss_mask)) * share
+            if rehearse is not None:
+                ptx = rehearse(epoch * cfg.mini_batches + mini, scope)
+                if epoch == 0:
+                    figures.ptx_loss = (figures.ptx_loss or 0.0) + ptx / len(minis)
             stats = optimizer.step(cfg.grad_clip)
             if first_step:
                 figures.grad_norm, figures.update_rms = stats.grad_norm, stats.update_rms

@@ -110,6 +110,8 @@ CLIP_FRAC_ACC = _field("clip_frac_acc", "hdpo", "share of L_acc's tokens whose c
 CLIP_FRAC_TOOL = _field("clip_frac_tool", "hdpo", "share of L_tool's tokens whose clipped term was active", "share")
 KL = _field("kl", "hdpo", "k3 KL to the frozen initial policy, token mean over PPO epochs (0 when kl_coef is 0)",
             "nats")
+PTX_LOSS = _field("ptx_loss", "hdpo", "token-mean cross-entropy of the rehearsal rows (hdpo.ptx), first PPO epoch, "
+                  "mean over mini-batches; absent when hdpo.ptx is off", "nats")
 ENTROPY = _field("entropy", "hdpo", "mean entropy of the temperature-scaled next-token distribution on trained "
                  "tokens", "nats")
 LOGPROB_MISMATCH = _field("logprob_mismatch", "hdpo", "mean |trainer log-prob - sampler log-prob| on trained "

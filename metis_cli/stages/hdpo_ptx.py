@@ -1,0 +1,87 @@
+"""Rehearsal during RL (`hdpo.ptx`, the PPO-ptx term of InstructGPT): every optimizer step of the
+policy update also trains `coef` x the token-mean SFT cross-entropy of `batch_size` rows of
+`hdpo.ptx.data`, so what SFT taught (answers RL only rehearses where a group happens to be mixed)
+is not eroded by the policy-gradient steps. Off by default (coef 0), as in the paper.
+
+    L = w_acc * L_acc + w_tool * L_tool + coef * mean_{assistant tokens of the rows} CE
+
+The rows are tokenized like SFT's (`data.chat.tokenize_runs`, the assistant-token mask; rows
+longer than `sft.max_seq_len` are dropped), padded, one forward per optimizer step. Which rows:
+the k-th optimizer step of the run (k = step x ppo_epochs x mini_batches + its index in the
+step) takes positions k*B .. (k+1)*B - 1 of a seeded walk through the rows in epochs
+(`stages.hdpo_step.seeded_walk`), so a resumed run rehearses what the killed one would have.
+With several processes each takes positions rank, rank + N, ... of those B (B must be a
+multiple of N, `stages.hdpo_dist.check`: each FSDP forward is a collective), the token mean is
+over every process's rows, and the gradient equals one process's on all B rows.
+
+Must not touch: the RL loss, advantages, the optimizer step (`stages.hdpo_update` calls
+`Rehearsal.backward` before it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metis_cli.errors import DataError
+from metis_cli.model.runtime import HDPO_PTX_ORDER_SEED
+from metis_cli.stages.hdpo_step import seeded_walk
+
+
+@dataclass
+class Rehearsal:
+    rows: list[tuple[list[int], list[int]]]  # (ids, assistant mask) per row
+    coef: float
+    batch_size: int
+    run_seed: int
+    pad_token_id: int
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_recipe(cls, recipe, tokenizer, tools: list[dict] | None, *, rank: int = 0,
+                    world_size: int = 1) -> Rehearsal | None:
+        """The rehearsal of `recipe.hdpo.ptx`, or None when it is off. `tools`: the tool specs the
+        rollouts render (the registry's), so rehearsed rows are rendered as the prompts are."""
+        from metis_cli.data.chat import tokenize_runs
+        from metis_cli.data.sources import load_sources
+
+        cfg = recipe.hdpo.ptx
+        if not cfg.enabled:
+            return None
+        tools = tools or None
+        rows, seen = [], {}
+        for example in load_sources(cfg.data, recipe, need_answer=False):
+            conversation = example.trajectory or example.messages
+            if example.images:
+                raise DataError(f"hdpo.ptx.data: example {example.id} has images; rehearsal trains on text rows only")
+            if not any(m["role"] == "assistant" for m in conversation):
+                raise DataError(f"hdpo.ptx.data: example {example.id} has no assistant turn to rehearse")
+            key = repr(conversation)
+            if key not in seen:
+                seen[key] = tokenize_runs(tokenizer, conversation, tools)
+            rows += [(list(ids), list(mask)) for ids, mask in seen[key]
+                     if len(ids) <= recipe.sft.max_seq_len and any(mask[1:])]
+        if not rows:
+            raise DataError(f"hdpo.ptx.data: no row to rehearse (every one is empty or longer than "
+                            f"sft.max_seq_len = {recipe.sft.max_seq_len})")
+        return cls(rows, cfg.coef, cfg.batch_size, recipe.run.seed, tokenizer.pad_token_id, rank, world_size)
+
+    def rows_for(self, update_index: int) -> list[tuple[list[int], list[int]]]:
+        """This process's rows of the run's `update_index`-th optimizer step (from 0)."""
+        walk = seeded_walk(len(self.rows), update_index * self.batch_size, self.batch_size,
+                           HDPO_PTX_ORDER_SEED, self.run_seed)
+        return [self.rows[i] for i in walk[self.rank :: self.world_size]]
+
+    def backward(self, model, update_index: int, device, scope=None) -> float:
+        """Backpropagate coef x the token-mean cross-entropy of the step's rows into `model`'s
+        gradients; returns this process's share of that mean (the shares sum to the step's)."""
+        from metis_cli.train.sft_batch import collate_padded, loss_sum
+
+        batch = collate_padded(self.rows_for(update_index), self.pad_token_id, device)
+        total, count = loss_sum(model, batch)
+        tokens = max(float(count) if scope is None else scope.total(float(count)), 1.0)
+        loss = self.coef * total / tokens
+        if scope is not None:
+            loss = loss * scope.world_size  # FSDP averages the gradients over the processes
+        loss.backward()
+        return float(total.detach()) / tokens

@@ -1,0 +1,106 @@
+"""`hdpo.ptx` (rehearsal of SFT rows during RL, stages/hdpo_ptx.py): which rows each optimizer
+step and each process takes, that its gradient is coef x the gradient of the rows' token-mean
+cross-entropy, and the recipe errors. A run with it (metrics, resume) is in tests/test_training.py;
+two processes against one in tests/test_distributed.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from metis_cli.cli.main import app
+from metis_cli.errors import DataError
+from metis_cli.recipe import load_recipe
+from metis_cli.stages.hdpo_ptx import Rehearsal
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "tiny.yaml"
+
+
+def rows(count: int, vocab: int = 50) -> list[tuple[list[int], list[int]]]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(count):
+        ids = torch.randint(3, vocab, (5 + i % 4,), generator=generator).tolist()
+        out.append((ids, [0, 0] + [1] * (len(ids) - 2)))
+    return out
+
+
+def rehearsal(count: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> Rehearsal:
+    return Rehearsal(rows(count), coef=0.5, batch_size=batch_size, run_seed=seed, pad_token_id=0, rank=rank,
+                     world_size=world_size)
+
+
+def test_each_epoch_rehearses_every_row_once_and_resumes_the_same_walk():
+    one = rehearsal(10, 4)
+    seen = [tuple(ids) for k in range(5) for ids, _ in one.rows_for(k)]  # 20 positions = two epochs
+    counts = Counter(seen)
+    assert len(counts) == 10 and set(counts.values()) == {2}
+    first_epoch = seen[:10]
+    assert len(set(first_epoch)) == 10 and first_epoch != [tuple(r[0]) for r in one.rows]  # shuffled
+    assert rehearsal(10, 4).rows_for(3) == one.rows_for(3)  # a pure function of the step: resume-safe
+    assert rehearsal(10, 4, seed=1).rows_for(0) != one.rows_for(0)
+
+
+def test_processes_split_each_step_s_rows_between_them():
+    alone = rehearsal(9, 4).rows_for(2)
+    parts = [rehearsal(9, 4, rank, 2).rows_for(2) for rank in range(2)]
+    assert [len(p) for p in parts] == [2, 2]
+    assert sorted(parts[0] + parts[1]) == sorted(alone)
+
+
+def test_backward_is_coef_times_the_token_mean_cross_entropy(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rehearse = Rehearsal(rows(6, model.config.vocab_size), coef=0.25, batch_size=3, run_seed=0, pad_token_id=0)
+    figure = rehearse.backward(model, 1, torch.device("cpu"))
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    losses, count = [], 0
+    for ids, mask in rehearse.rows_for(1):  # row by row, unpadded: what the rows' SFT loss is
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        targets = torch.tensor(ids[1:])
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        losses.append(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+        count += int(keep.sum())
+    mean = torch.stack(losses).sum() / count
+    (0.25 * mean).backward()
+    assert abs(figure - float(mean.detach())) < 1e-5
+    worst = max(float((got[name] - p.grad).abs().max()) for name, p in model.named_parameters())
+    assert worst < 1e-6 and max(float(g.abs().max()) for g in got.values()) > 1e-4
+
+
+def test_rows_come_from_the_recipe_s_sources_rendered_with_the_tools(tiny_tokenizer, monkeypatch):
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(TINY, ["hdpo.ptx.coef=0.1", 'hdpo.ptx.data=[{path: "synthetic:knowledge", limit: 12}]',
+                                "hdpo.ptx.batch_size=4"])
+    with_tools = Rehearsal.from_recipe(recipe, tiny_tokenizer, [{"type": "function", "function": {
+        "name": "calculator", "description": "d", "parameters": {"type": "object", "properties": {}}}}])
+    plain = Rehearsal.from_recipe(recipe, tiny_tokenizer, None)
+    assert len(with_tools.rows) == 12 and with_tools.coef == 0.1 and with_tools.batch_size == 4
+    assert all(len(a[0]) > len(b[0]) for a, b in zip(with_tools.rows, plain.rows))  # the tool listing is in the prompt
+    assert all(sum(mask) > 0 for _, mask in with_tools.rows)
+    off = load_recipe(TINY, [])
+    assert Rehearsal.from_recipe(off, tiny_tokenizer, None) is None
+
+
+def test_no_row_short_enough_is_a_data_error(tiny_tokenizer, monkeypatch):
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(TINY, ["hdpo.ptx.coef=0.1", 'hdpo.ptx.data=[{path: "synthetic:knowledge", limit: 4}]',
+                                "sft.max_seq_len=3"])
+    with pytest.raises(DataError, match="hdpo.ptx.data: no row to rehearse"):
+        Rehearsal.from_recipe(recipe, tiny_tokenizer, None)
+
+
+def test_coef_without_data_exits_2_naming_the_field(monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["validate", "recipes/tiny.yaml", "--set", "hdpo.ptx.coef=0.1"])
+    assert result.exit_code == 2
+    assert "hdpo.ptx" in result.output and "needs data" in result.output
