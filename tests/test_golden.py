@@ -94,7 +94,7 @@ def overrides(folder: Path, **extra: str) -> list[str]:
         "sft.batch_size": "8", "sft.lr": "1e-2", "sft.eval_share": "0.1",
         "sft.eval_every": "1000", "sft.save_every": "1000",
         "hdpo.prompts_per_step": "2", "hdpo.group_size": "8", "hdpo.micro_batch_size": "8", "hdpo.lr": "1e-3",
-        "hdpo.schedule": "constant",
+        "hdpo.schedule": "constant", "hdpo.ptx.coef": "0",
         "hdpo.eval_every": "1000", "hdpo.save_every": "1000", "hdpo.samples_to_save": "0",
         "rollout.max_new_tokens": "24", "rollout.max_total_tokens": "128",
         **extra,

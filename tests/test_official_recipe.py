@@ -29,6 +29,7 @@ OFFICIAL = {
     "hdpo.dual_clip_c": 3.0,                    # actor.clip_ratio_c=3.0 (default)
     "hdpo.loss_agg": "micro_batch_token_mean",  # actor.loss_agg_mode=token-mean, per micro-batch
     "hdpo.kl_coef": 0.0,                        # algorithm.kl_ctrl.kl_coef=0, actor.use_kl_loss=False
+    "hdpo.ptx.coef": 0.0,                       # no SFT loss in the actor update (verl has none)
     "hdpo.w_acc": 1.0,                          # actor.w_acc=1.0
     "hdpo.w_tool": 0.15,                        # actor.w_tool=$W_TOOL (0.15)
     "hdpo.drop_no_signal_groups": False,        # no dynamic sampling (algorithm.filter_groups unset)
