@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from metis_cli.cli.main import app
 from metis_cli.errors import DataError
 from metis_cli.recipe import load_recipe
-from metis_cli.stages.hdpo_ptx import Rehearsal
+from metis_cli.stages.hdpo_ptx import Rehearsal, after_marker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -87,7 +87,7 @@ def test_rows_come_from_the_recipe_s_sources_rendered_with_the_tools(tiny_tokeni
     assert len(with_tools.rows) == 12 and with_tools.coef == 0.1 and with_tools.batch_size == 4
     assert all(len(a[0]) > len(b[0]) for a, b in zip(with_tools.rows, plain.rows))  # the tool listing is in the prompt
     assert all(sum(mask) > 0 for _, mask in with_tools.rows)
-    off = load_recipe(TINY, [])
+    off = load_recipe(TINY, ["hdpo.ptx.coef=0"])
     assert Rehearsal.from_recipe(off, tiny_tokenizer, None) is None
 
 
@@ -101,6 +101,36 @@ def test_no_row_short_enough_is_a_data_error(tiny_tokenizer, monkeypatch):
 
 def test_coef_without_data_exits_2_naming_the_field(monkeypatch):
     monkeypatch.chdir(REPO)
-    result = CliRunner().invoke(app, ["validate", "recipes/tiny.yaml", "--set", "hdpo.ptx.coef=0.1"])
+    result = CliRunner().invoke(app, ["validate", "recipes/tiny.yaml", "--set", "hdpo.ptx.coef=0.1",
+                                      "--set", "hdpo.ptx.data=[]"])
     assert result.exit_code == 2
     assert "hdpo.ptx" in result.output and "needs data" in result.output
+
+
+def test_train_after_keeps_only_the_answer_tokens(tiny_tokenizer):
+    prompt = tiny_tokenizer.encode("What is 6 + 8?", add_special_tokens=False)
+    reply = tiny_tokenizer.encode(" <answer>14</answer>", add_special_tokens=False)
+    ids, mask = prompt + reply, [0] * len(prompt) + [1] * len(reply)
+    answer = tiny_tokenizer.encode("14</answer>", add_special_tokens=False)
+    kept = after_marker(tiny_tokenizer, ids, mask, "<answer>")
+    assert [t for t, m in zip(ids, kept) if m] == answer  # the digits and the closing tag, not "<answer>"
+    # a marker the tokenizer never emits on its own (inside the <answer> token): found by decoding
+    assert tiny_tokenizer.encode("answer>", add_special_tokens=False) != tiny_tokenizer.encode("<answer>",
+                                                                                             add_special_tokens=False)
+    assert after_marker(tiny_tokenizer, ids, mask, "answer>") == kept
+    assert after_marker(tiny_tokenizer, ids, mask, "<tool_call>") == [0] * len(ids)  # not in the row
+    assert after_marker(tiny_tokenizer, prompt + reply, [1] * len(ids), "<answer>") == kept  # first one from 0
+
+
+def test_train_after_in_the_recipe_masks_every_row_and_none_found_is_an_error(tiny_tokenizer, monkeypatch):
+    monkeypatch.chdir(REPO)
+    sources = ["hdpo.ptx.coef=0.1", 'hdpo.ptx.data=[{path: "synthetic:knowledge", limit: 6}]']
+    full = Rehearsal.from_recipe(load_recipe(TINY, sources), tiny_tokenizer, None)
+    answers = Rehearsal.from_recipe(load_recipe(TINY, [*sources, "hdpo.ptx.train_after=<answer>"]),
+                                    tiny_tokenizer, None)
+    for (ids, whole), (_, part) in zip(full.rows, answers.rows):
+        assert 0 < sum(part) < sum(whole)
+        assert "</answer>" in tiny_tokenizer.decode([t for t, m in zip(ids, part) if m])  # and the end of turn
+        assert "<answer>" not in tiny_tokenizer.decode([t for t, m in zip(ids, part) if m])
+    with pytest.raises(DataError, match="train_after '<nowhere>'"):
+        Rehearsal.from_recipe(load_recipe(TINY, [*sources, "hdpo.ptx.train_after=<nowhere>"]), tiny_tokenizer, None)

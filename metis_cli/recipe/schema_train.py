@@ -59,6 +59,11 @@ class PtxConfig(Section):
         "the model to know, so RL does not erode it). Text rows only."
     )
     batch_size: int = Field(16, gt=0, description="Rehearsal rows per optimizer step (split over the processes).")
+    train_after: str | None = Field(
+        None, description="Train only the assistant tokens after the first occurrence of this text in a row (e.g. "
+        "'<answer>': rehearse what the answers say, not the decision to answer without a tool, which is the policy "
+        "RL is learning); rows without it are skipped. null: every assistant token."
+    )
 
     @model_validator(mode="after")
     def _data_when_on(self) -> PtxConfig:

@@ -6,7 +6,10 @@ is not eroded by the policy-gradient steps. Off by default (coef 0), as in the p
     L = w_acc * L_acc + w_tool * L_tool + coef * mean_{assistant tokens of the rows} CE
 
 The rows are tokenized like SFT's (`data.chat.tokenize_runs`, the assistant-token mask; rows
-longer than `sft.max_seq_len` are dropped), padded, one forward per optimizer step. Which rows:
+longer than `sft.max_seq_len` are dropped), padded, one forward per optimizer step. With
+`hdpo.ptx.train_after` (e.g. "<answer>") a row trains only its assistant tokens after the first
+occurrence of that text (`after_marker`): the rehearsal then keeps the answers sure without also
+teaching the choice to answer directly, which would reward skipping the tool under any estimator. Which rows:
 the k-th optimizer step of the run (k = step x ppo_epochs x mini_batches + its index in the
 step) takes positions k*B .. (k+1)*B - 1 of a seeded walk through the rows in epochs
 (`stages.hdpo_step.seeded_walk`), so a resumed run rehearses what the killed one would have.
@@ -59,11 +62,15 @@ class Rehearsal:
             key = repr(conversation)
             if key not in seen:
                 seen[key] = tokenize_runs(tokenizer, conversation, tools)
-            rows += [(list(ids), list(mask)) for ids, mask in seen[key]
-                     if len(ids) <= recipe.sft.max_seq_len and any(mask[1:])]
+            for ids, mask in seen[key]:
+                if cfg.train_after is not None:
+                    mask = after_marker(tokenizer, ids, mask, cfg.train_after)
+                if len(ids) <= recipe.sft.max_seq_len and any(mask[1:]):
+                    rows.append((list(ids), list(mask)))
         if not rows:
+            marker = f", or has no assistant token after train_after {cfg.train_after!r}" if cfg.train_after else ""
             raise DataError(f"hdpo.ptx.data: no row to rehearse (every one is empty or longer than "
-                            f"sft.max_seq_len = {recipe.sft.max_seq_len})")
+                            f"sft.max_seq_len = {recipe.sft.max_seq_len}{marker})")
         return cls(rows, cfg.coef, cfg.batch_size, recipe.run.seed, tokenizer.pad_token_id, rank, world_size)
 
     def rows_for(self, update_index: int) -> list[tuple[list[int], list[int]]]:
@@ -85,3 +92,26 @@ class Rehearsal:
             loss = loss * scope.world_size  # FSDP averages the gradients over the processes
         loss.backward()
         return float(total.detach()) / tokens
+
+
+def after_marker(tokenizer, ids: list[int], mask: list[int], marker: str) -> list[int]:
+    """`mask` with every position up to the end of the first `marker` that starts on an assistant
+    token set to 0 (all zeros when there is none). The marker is found as its own token ids, or,
+    where the tokenizer merges it with its neighbours, as the shortest decoded prefix holding it."""
+    pattern = tokenizer.encode(marker, add_special_tokens=False)
+    end = None
+    for start in range(len(ids) - len(pattern) + 1):
+        if mask[start] and ids[start:start + len(pattern)] == pattern:
+            end = start + len(pattern)
+            break
+    if end is None:
+        first = next((t for t, m in enumerate(mask) if m), None)
+        if first is None or marker not in tokenizer.decode(ids[first:]):
+            return [0] * len(mask)
+        low, high = first + 1, len(ids)  # the shortest prefix from `first` whose text holds the marker
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if marker in tokenizer.decode(ids[first:middle]) else (middle + 1, high)
+        end = low
+    return [0] * end + list(mask[end:])
+
