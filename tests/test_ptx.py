@@ -125,7 +125,7 @@ def test_train_after_keeps_only_the_answer_tokens(tiny_tokenizer):
 def test_train_after_in_the_recipe_masks_every_row_and_none_found_is_an_error(tiny_tokenizer, monkeypatch):
     monkeypatch.chdir(REPO)
     sources = ["hdpo.ptx.coef=0.1", 'hdpo.ptx.data=[{path: "synthetic:knowledge", limit: 6}]']
-    full = Rehearsal.from_recipe(load_recipe(TINY, sources), tiny_tokenizer, None)
+    full = Rehearsal.from_recipe(load_recipe(TINY, [*sources, "hdpo.ptx.train_after=null"]), tiny_tokenizer, None)
     answers = Rehearsal.from_recipe(load_recipe(TINY, [*sources, "hdpo.ptx.train_after=<answer>"]),
                                     tiny_tokenizer, None)
     for (ids, whole), (_, part) in zip(full.rows, answers.rows):

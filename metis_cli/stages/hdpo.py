@@ -163,7 +163,7 @@ class HdpoStage(HdpoCheckpoints):
         from metis_cli.stages.hdpo_ptx import Rehearsal
 
         self.rehearsal = Rehearsal.from_recipe(self.recipe, self.tokenizer, self.registry.specs(),
-                                               rank=self.dist.rank, world_size=self.dist.world_size)
+                                               rank=self.dist.rank, world_size=self.dist.world_size, quiet=self.quiet)
 
     def _rehearse(self, index: int, scope) -> float:
         """The rehearsal loss of this step's `index`-th optimizer step, backpropagated."""

@@ -41,32 +41,34 @@ class Rehearsal:
     world_size: int = 1
 
     @classmethod
-    def from_recipe(cls, recipe, tokenizer, tools: list[dict] | None, *, rank: int = 0,
-                    world_size: int = 1) -> Rehearsal | None:
+    def from_recipe(cls, recipe, tokenizer, tools: list[dict] | None, *, rank: int = 0, world_size: int = 1,
+                    quiet: bool = True) -> Rehearsal | None:
         """The rehearsal of `recipe.hdpo.ptx`, or None when it is off. `tools`: the tool specs the
         rollouts render (the registry's), so rehearsed rows are rendered as the prompts are."""
         from metis_cli.data.chat import tokenize_runs
         from metis_cli.data.sources import load_sources
+        from metis_cli.telemetry.progress import spinner
 
         cfg = recipe.hdpo.ptx
         if not cfg.enabled:
             return None
         tools = tools or None
         rows, seen = [], {}
-        for example in load_sources(cfg.data, recipe, need_answer=False):
-            conversation = example.trajectory or example.messages
-            if example.images:
-                raise DataError(f"hdpo.ptx.data: example {example.id} has images; rehearsal trains on text rows only")
-            if not any(m["role"] == "assistant" for m in conversation):
-                raise DataError(f"hdpo.ptx.data: example {example.id} has no assistant turn to rehearse")
-            key = repr(conversation)
-            if key not in seen:
-                seen[key] = tokenize_runs(tokenizer, conversation, tools)
-            for ids, mask in seen[key]:
-                if cfg.train_after is not None:
-                    mask = after_marker(tokenizer, ids, mask, cfg.train_after)
-                if len(ids) <= recipe.sft.max_seq_len and any(mask[1:]):
-                    rows.append((list(ids), list(mask)))
+        with spinner("hdpo: tokenizing the rehearsal rows (hdpo.ptx)", quiet=quiet):
+            for example in load_sources(cfg.data, recipe, need_answer=False):
+                conversation = example.trajectory or example.messages
+                if example.images:
+                    raise DataError(f"hdpo.ptx.data: example {example.id} has images; rehearsal trains on text rows only")
+                if not any(m["role"] == "assistant" for m in conversation):
+                    raise DataError(f"hdpo.ptx.data: example {example.id} has no assistant turn to rehearse")
+                key = repr(conversation)
+                if key not in seen:
+                    runs = tokenize_runs(tokenizer, conversation, tools)
+                    if cfg.train_after is not None:
+                        runs = [(ids, after_marker(tokenizer, ids, mask, cfg.train_after)) for ids, mask in runs]
+                    seen[key] = [(list(ids), list(mask)) for ids, mask in runs
+                                 if len(ids) <= recipe.sft.max_seq_len and any(mask[1:])]
+                rows += seen[key]
         if not rows:
             marker = f", or has no assistant token after train_after {cfg.train_after!r}" if cfg.train_after else ""
             raise DataError(f"hdpo.ptx.data: no row to rehearse (every one is empty or longer than "
