@@ -36,6 +36,7 @@ def small_overrides(run_dir: Path, **extra: str) -> list[str]:
         "hdpo.steps": "3", "hdpo.prompts_per_step": "4", "hdpo.group_size": "4", "hdpo.micro_batch_size": "8",
         "hdpo.eval_every": "2", "hdpo.save_every": "1", "hdpo.sample_every": "1", "hdpo.samples_to_save": "4",
         "rollout.max_new_tokens": "16", "rollout.max_total_tokens": "96",
+        "hdpo.ptx.coef": "0",  # the tiny recipe rehearses; tests that want it turn it on
         **extra,
     }
     return [f"{key}={value}" for key, value in settings.items()]
