@@ -69,7 +69,8 @@ def rehearsal(vocab_size: int, rank: int, world_size: int) -> Rehearsal:
     for i in range(7):
         ids = torch.randint(3, vocab_size, (6 + i % 3,), generator=generator).tolist()
         rows.append((ids, [0] * 3 + [1] * (len(ids) - 3)))
-    return Rehearsal(rows, coef=0.5, batch_size=4, run_seed=0, pad_token_id=0, rank=rank, world_size=world_size)
+    return Rehearsal(rows, coef=0.5, batch_size=4, run_seed=0, pad_token_id=0, micro_batch_size=1,  # several forwards
+                     rank=rank, world_size=world_size)
 
 
 def compare(model_dir: str, overrides: list[str], context, ptx: bool = False) -> dict:

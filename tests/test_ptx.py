@@ -54,11 +54,14 @@ def test_processes_split_each_step_s_rows_between_them():
     assert sorted(parts[0] + parts[1]) == sorted(alone)
 
 
-def test_backward_is_coef_times_the_token_mean_cross_entropy(tiny_model_dir):
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 16])
+def test_backward_is_coef_times_the_token_mean_cross_entropy(tiny_model_dir, micro_batch_size):
+    """In forwards of 1, 2 (the last one short) or all 3 rows: the same token mean over all."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    rehearse = Rehearsal(rows(6, model.config.vocab_size), coef=0.25, batch_size=3, run_seed=0, pad_token_id=0)
+    rehearse = Rehearsal(rows(6, model.config.vocab_size), coef=0.25, batch_size=3, run_seed=0, pad_token_id=0,
+                         micro_batch_size=micro_batch_size)
     figure = rehearse.backward(model, 1, torch.device("cpu"))
     got = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
@@ -85,6 +88,7 @@ def test_rows_come_from_the_recipe_s_sources_rendered_with_the_tools(tiny_tokeni
         "name": "calculator", "description": "d", "parameters": {"type": "object", "properties": {}}}}])
     plain = Rehearsal.from_recipe(recipe, tiny_tokenizer, None)
     assert len(with_tools.rows) == 12 and with_tools.coef == 0.1 and with_tools.batch_size == 4
+    assert with_tools.micro_batch_size == recipe.hdpo.micro_batch_size
     assert all(len(a[0]) > len(b[0]) for a, b in zip(with_tools.rows, plain.rows))  # the tool listing is in the prompt
     assert all(sum(mask) > 0 for _, mask in with_tools.rows)
     off = load_recipe(TINY, ["hdpo.ptx.coef=0"])

@@ -6,7 +6,8 @@ is not eroded by the policy-gradient steps. Off by default (coef 0), as in the p
     L = w_acc * L_acc + w_tool * L_tool + coef * mean_{assistant tokens of the rows} CE
 
 The rows are tokenized like SFT's (`data.chat.tokenize_runs`, the assistant-token mask; rows
-longer than `sft.max_seq_len` are dropped), padded, one forward per optimizer step. With
+longer than `sft.max_seq_len` are dropped), padded, in forwards of `hdpo.micro_batch_size` rows
+each (the token mean is over all of them, counted before the first forward). With
 `hdpo.ptx.train_after` (e.g. "<answer>") a row trains only its assistant tokens after the first
 occurrence of that text (`after_marker`): the rehearsal then keeps the answers sure without also
 teaching the choice to answer directly, which would reward skipping the tool under any estimator. Which rows:
@@ -37,6 +38,7 @@ class Rehearsal:
     batch_size: int
     run_seed: int
     pad_token_id: int
+    micro_batch_size: int = 16
     rank: int = 0
     world_size: int = 1
 
@@ -73,7 +75,8 @@ class Rehearsal:
             marker = f", or has no assistant token after train_after {cfg.train_after!r}" if cfg.train_after else ""
             raise DataError(f"hdpo.ptx.data: no row to rehearse (every one is empty or longer than "
                             f"sft.max_seq_len = {recipe.sft.max_seq_len}{marker})")
-        return cls(rows, cfg.coef, cfg.batch_size, recipe.run.seed, tokenizer.pad_token_id, rank, world_size)
+        return cls(rows, cfg.coef, cfg.batch_size, recipe.run.seed, tokenizer.pad_token_id,
+                   recipe.hdpo.micro_batch_size, rank, world_size)
 
     def rows_for(self, update_index: int) -> list[tuple[list[int], list[int]]]:
         """This process's rows of the run's `update_index`-th optimizer step (from 0)."""
@@ -83,17 +86,21 @@ class Rehearsal:
 
     def backward(self, model, update_index: int, device, scope=None) -> float:
         """Backpropagate coef x the token-mean cross-entropy of the step's rows into `model`'s
-        gradients; returns this process's share of that mean (the shares sum to the step's)."""
+        gradients, `micro_batch_size` rows per forward; returns this process's share of that mean
+        (the shares sum to the step's). Every process runs the same number of forwards (its share
+        of the rows is the same size), as FSDP's collectives need."""
         from metis_cli.train.sft_batch import collate_padded, loss_sum
 
-        batch = collate_padded(self.rows_for(update_index), self.pad_token_id, device)
-        total, count = loss_sum(model, batch)
+        rows = self.rows_for(update_index)
+        count = sum(sum(mask[1:]) for _, mask in rows)  # the targets loss_sum counts
         tokens = max(float(count) if scope is None else scope.total(float(count)), 1.0)
-        loss = self.coef * total / tokens
-        if scope is not None:
-            loss = loss * scope.world_size  # FSDP averages the gradients over the processes
-        loss.backward()
-        return float(total.detach()) / tokens
+        scale = self.coef / tokens * (1 if scope is None else scope.world_size)  # FSDP averages over processes
+        total = 0.0
+        for start in range(0, len(rows), self.micro_batch_size):
+            part, _ = loss_sum(model, collate_padded(rows[start:start + self.micro_batch_size], self.pad_token_id, device))
+            (part * scale).backward()
+            total += float(part.detach())
+        return total / tokens
 
 
 def after_marker(tokenizer, ids: list[int], mask: list[int], marker: str) -> list[int]:
