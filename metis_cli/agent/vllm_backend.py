@@ -33,7 +33,9 @@ Weight sync (docs/rl-step.md). The engine runs in this process (`VLLM_ENABLE_V1_
 so `update_weights` hands the trainer's tensors straight to vLLM's `reload_weights`, which also
 repacks them for the CPU kernels (a plain `load_weights` fails there), then drops the prefix
 cache that was computed with the old weights. A LoRA model is synced as base + B @ A * scale,
-computed per layer, so the trainer's weights are never merged in place.
+computed per layer, so the trainer's weights are never merged in place. `load_weights` takes
+(name, tensor) pairs as they come, so a trainer under FSDP streams each tensor gathered from its
+shards straight in (stages/hdpo.py), and no rank holds the whole model outside the engine.
 
 Must not touch: chat templates and tools (agent/rollout.py), the trainer's model (read only).
 """
@@ -44,7 +46,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from metis_cli.agent.backend import Generation, SamplingParams
-from metis_cli.agent.vllm_engine import engine_kwargs, logprobs_mode_for, model_path_field, release_engine, start_engine
+from metis_cli.agent.vllm_engine import (
+    engine_kwargs,
+    logprobs_mode_for,
+    model_path_field,
+    release_engine,
+    several_processes,
+    start_engine,
+)
 from metis_cli.model.runtime import VLLM_REQUEST_SEED, derive_seed
 
 BAN_LOGIT_BIAS = -100.0
@@ -81,7 +90,7 @@ class VllmBackend:
         check_model_path(path, path_field)
         device = pick_device(recipe.run.device)
         is_adapter = (Path(path) / "adapter_config.json").exists()
-        kwargs = engine_kwargs(recipe, adapter_base(path) if is_adapter else path, device)
+        kwargs = engine_kwargs(recipe, adapter_base(path) if is_adapter else path, device, several=several_processes())
         backend = cls(start_engine(kwargs, recipe, path_field=path_field),
                       max_model_len=kwargs["max_model_len"], logprobs_mode=kwargs["logprobs_mode"],
                       banned_token_ids=vision.special_token_ids if vision is not None else ())
@@ -173,9 +182,13 @@ class VllmBackend:
     # ------------------------------------------------------------------------------ weights
     def update_weights(self, model) -> None:
         """Copy `model`'s current weights (LoRA merged) into the engine and drop stale KV cache."""
-        weights = checkpoint_weights(model)
+        self.load_weights(checkpoint_weights(model).items())
+
+    def load_weights(self, named_tensors) -> None:
+        """Load (checkpoint name, tensor) pairs, consumed one at a time, into the engine and drop
+        the stale KV cache."""
         self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True}
+            "reload_weights", kwargs={"weights_iterator": iter(named_tensors), "is_checkpoint_format": True}
         )
         self.llm.reset_prefix_cache()
 

@@ -2,6 +2,11 @@
 arguments a recipe implies, start-up failures turned into errors naming the recipe field to
 change, and the process state an in-process engine would otherwise disturb (RNGs, torch threads).
 
+Under several processes (torchrun, `metis hdpo --nproc-per-node N`) every rank runs its own
+engine, colocated with its trainer: vLLM's `external_launcher` executor joins the launcher's
+process group (each rank an independent data-parallel replica with tensor_parallel_size 1), and
+closing an engine leaves that group to the launcher (`release_engine`).
+
 Must not touch: sampling and weight sync (agent/vllm_backend.py).
 """
 
@@ -26,8 +31,16 @@ def logprobs_mode_for(temperature: float, top_p: float) -> str:
     return "raw_logprobs" if top_p < 1.0 and temperature == 1.0 else "processed_logprobs"
 
 
-def engine_kwargs(recipe, model_path: str, device: str) -> dict:
-    """`vllm.LLM(**kwargs)` for a recipe: its rollout.vllm section, model dtype and seed."""
+def several_processes() -> bool:
+    """Whether this process is one rank of a launched job (torch.distributed, world size > 1)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def engine_kwargs(recipe, model_path: str, device: str, *, several: bool = False) -> dict:
+    """`vllm.LLM(**kwargs)` for a recipe: its rollout.vllm section, model dtype and seed;
+    `several`: this rank's engine of a multi-process job (module docstring)."""
     settings, rollout = recipe.rollout.vllm, recipe.rollout
     if settings.tensor_parallel_size != 1:
         raise RecipeError([
@@ -48,6 +61,8 @@ def engine_kwargs(recipe, model_path: str, device: str) -> dict:
         "logprobs_mode": logprobs_mode_for(rollout.temperature, rollout.top_p),
         "generation_config": "vllm",  # the caller's stop ids rule, not the model's defaults
     }
+    if several:
+        kwargs["distributed_executor_backend"] = "external_launcher"
     if device == "cuda":
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
     else:
@@ -178,10 +193,34 @@ def release_engine(llm) -> None:
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     global _engine_running
-    if llm is not None:
-        llm.llm_engine.engine_core.shutdown()  # also tears down the process groups
-        del llm
-    else:
-        cleanup_dist_env_and_memory()
+    with _launcher_group_kept():
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()  # also tears down vLLM's process groups
+            del llm
+        else:
+            cleanup_dist_env_and_memory()
     _engine_running = False
     gc.collect()
+
+
+@contextmanager
+def _launcher_group_kept():
+    """vLLM's shutdown destroys the default process group, which under torchrun belongs to the
+    launcher and the trainer (its collectives go on after the engine closes): keep it, while
+    vLLM's own groups are destroyed as usual."""
+    import torch.distributed as dist
+
+    if not several_processes():
+        yield
+        return
+    destroy = dist.destroy_process_group
+
+    def destroy_but_the_default(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_but_the_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy

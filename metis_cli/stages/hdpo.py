@@ -132,8 +132,13 @@ class HdpoStage(HdpoCheckpoints):
                                                  field=field_name)
         self.rollout_model = self.model  # one process samples from the very model it trains
         dtype = compute_dtype(self.recipe, self.device) if several else pick_dtype(self.recipe.model.dtype, self.device)
-        if several:
-            self.rollout_model = rollout_copy(self.model, self.device, dtype)
+        if several and self.recipe.rollout.backend == "vllm" and hasattr(self.model, "peft_config"):
+            from metis_cli.errors import ModelError
+
+            raise ModelError(f"{field_name}: {path} is a LoRA adapter, and rollout.backend: vllm on several "
+                             "processes syncs full weights only; use rollout.backend: hf with --nproc-per-node")
+        if several:  # HF samples from a copy; each rank's vLLM engine holds its own (hdpo_dist)
+            self.rollout_model = rollout_copy(self.model, self.device, dtype) if self.recipe.rollout.backend == "hf" else None
             self.model = shard_model(self.model, self.recipe, self.dist)
         self.model.train()
         self.reference = None
@@ -222,7 +227,6 @@ class HdpoStage(HdpoCheckpoints):
         when no rollout is kept (nothing trained, nothing synced). `rollouts`: this process's;
         `everyone`: the step's in `batch` order (`stages.hdpo_dist.gather`; one process: the same)."""
         from metis_cli.stages.hdpo_dist import update_share
-        from metis_cli.train.distributed import copy_full_weights
 
         if not bool(batch.keep.any()):
             return None
@@ -233,10 +237,21 @@ class HdpoStage(HdpoCheckpoints):
             device=self.device, reference=self.reference, vision=self.vision,
             rehearse=self._rehearse if self.rehearsal is not None else None,
         )
-        if self.dist.enabled:
-            copy_full_weights(self.model, self.rollout_model)
-        self.backend.update_weights(self.rollout_model)
+        self.sync_weights()
         return figures
+
+    def sync_weights(self) -> None:
+        """The trained weights into the rollout backend (after an update, and on resume)."""
+        from metis_cli.train.distributed import compute_dtype, copy_full_weights, full_state_dict_iter
+
+        if not self.dist.enabled:
+            self.backend.update_weights(self.model)
+        elif self.rollout_model is not None:
+            copy_full_weights(self.model, self.rollout_model)
+            self.backend.update_weights(self.rollout_model)
+        else:  # vLLM: each tensor gathered from the shards on its own, streamed into the engine
+            self.backend.load_weights(full_state_dict_iter(self.model, dtype=compute_dtype(self.recipe, self.device),
+                                                           device=self.device, tied_names=True))
 
     def _images(self, examples) -> list[list] | None:
         """Each training prompt's images, read now (a vision-language policy; None for a text-only

@@ -32,11 +32,11 @@ class HdpoCheckpoints:
                 self.metrics.truncate_after(-1)  # nothing was saved: every record, step 0's eval too, is redone
             return
         if self.dist.enabled or is_sharded(checkpoint):
-            state = load_sharded(checkpoint, self.model, self.optimizer, self.rollout_model, self.dist)
-            self.backend.update_weights(self.rollout_model)
+            state = load_sharded(checkpoint, self.model, self.optimizer, self.dist)
+            self.sync_weights()
         else:
             self._setup_model(str(checkpoint), field_name="checkpoint")
-            self.backend.update_weights(self.model)
+            self.sync_weights()
             self.engine.backend = self.backend
             self._setup_optimizer()
             state = load_trainer_state(checkpoint)

@@ -6,9 +6,12 @@ every function here returns its input, so `stages.hdpo` runs the same code eithe
   (`share`), whole groups of G, so the advantages -- normalised per group -- need no other rank.
   `place` renumbers its rollouts' `prompt_index` to the prompt's position in the step, so a
   group has one id on every rank. The held-out eval is split the same way.
-- Sampling: each rank samples from its own unsharded copy of the policy in the compute dtype
-  (`rollout_copy`), refreshed from the FSDP shards after each update
-  (`train.distributed.copy_full_weights`, one tensor at a time). Not from the FSDP model itself:
+- Sampling: each rank samples from its own unsharded copy of the policy in the compute dtype:
+  with the HF backend a model (`rollout_copy`) refreshed from the FSDP shards after each update
+  (`train.distributed.copy_full_weights`, one tensor at a time); with vLLM the rank's own engine
+  (agent/vllm_engine.py, `external_launcher`), into which each tensor is streamed as it is
+  gathered (`HdpoStage.sync_weights`), so no rank holds the whole model outside it. Not from the
+  FSDP model itself:
   each of its forwards is a collective, and the ranks' rollouts end after different numbers of
   decode steps, so their forwards could not pair up. `rollout_seed`: one process keeps the
   step's seed; rank r of N > 1 samples with `derive_seed(HDPO_STEP_SEED, step_seed, r)`. A
@@ -90,27 +93,25 @@ def check(recipe, context: DistributedContext) -> None:
         raise MetisError(f"hdpo.ptx.batch_size ({ptx.batch_size}) is not a multiple of the number of processes "
                          f"({context.world_size}): each process rehearses an equal share of the rows (one FSDP "
                          f"forward each); set it to a multiple of {context.world_size}")
-    if recipe.rollout.backend != "hf":
-        raise MetisError(f"rollout.backend: {recipe.rollout.backend} is not wired for several processes yet; "
-                         "use rollout.backend: hf with --nproc-per-node, or one process for vllm")
+    if recipe.rollout.backend == "vllm" and recipe.model.lora.enabled:
+        raise MetisError("rollout.backend: vllm with model.lora is not wired for several processes yet (the "
+                         "adapter would have to be merged from its shards); use rollout.backend: hf with "
+                         "--nproc-per-node, or one process for vllm")
 
 
-def load_sharded(checkpoint, model, optimizer, rollout_model, context: DistributedContext) -> dict:
-    """Resume from a sharded checkpoint (any number of processes; `rollout_model` refreshed from
-    the loaded shards); the trainer state. A checkpoint of one process cannot be resumed by
-    several, nor the other way round (a RunFolderError says how to resume it)."""
+def load_sharded(checkpoint, model, optimizer, context: DistributedContext) -> dict:
+    """Resume from a sharded checkpoint (any number of processes); the trainer state. The caller
+    then syncs the rollout backend (`HdpoStage.sync_weights`). A checkpoint of one process cannot
+    be resumed by several, nor the other way round (a RunFolderError says how to resume it)."""
     from metis_cli.errors import RunFolderError
     from metis_cli.train.checkpoint import is_sharded, load_sharded_checkpoint
-    from metis_cli.train.distributed import copy_full_weights
 
     if is_sharded(checkpoint) != context.enabled:
         several = is_sharded(checkpoint)
         raise RunFolderError(f"{checkpoint} was written by {'several processes' if several else 'one process'}: "
                              f"resume it the same way ({'with' if several else 'without'} --nproc-per-node), "
                              "or pass --overwrite to start over")
-    state = load_sharded_checkpoint(checkpoint, model, optimizer, context)
-    copy_full_weights(model, rollout_model)
-    return state
+    return load_sharded_checkpoint(checkpoint, model, optimizer, context)
 
 
 # ------------------------------------------------------------------------------ figures, faults

@@ -298,20 +298,30 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
-def full_state_dict_iter(model, *, dtype=None, device: str = "cpu",
-                         trainable_only: bool = False) -> Iterator[tuple[str, Any]]:
+def full_state_dict_iter(model, *, dtype=None, device: str = "cpu", trainable_only: bool = False,
+                         tied_names: bool = False) -> Iterator[tuple[str, Any]]:
     """(name, full tensor) for every parameter and persistent buffer of `model` (with
     `trainable_only`: every trainable parameter), in the order of `named_parameters`, each
     gathered from its shards on its own (every rank must iterate to the end: each tensor is a
-    collective). Tied weights appear once, under their first name. Names are the model's own
-    (for a transformers model: those its safetensors files use)."""
+    collective). Tied weights appear once, under their first name; with `tied_names` also under
+    each other name the state dict has for them (`lm_head.weight` of a model with tied
+    embeddings: an engine such as vLLM's CPU backend keeps its own copy of it). Names are the
+    model's own (for a transformers model: those its safetensors files use)."""
     _reshard(model)
+    aliases: dict[int, list[str]] = {}
+    if tied_names:
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            aliases.setdefault(id(tensor), []).append(name)
     seen: set[int] = set()
     for name, param in model.named_parameters():
         if id(param) in seen or (trainable_only and not param.requires_grad):
             continue
         seen.add(id(param))
-        yield name, _gathered(param, dtype, device)
+        full = _gathered(param, dtype, device)
+        yield name, full
+        for alias in aliases.get(id(param), ()):
+            if alias != name:
+                yield alias, full
     if trainable_only:
         return
     persistent = {name for name, _ in model.state_dict(keep_vars=True).items()}
