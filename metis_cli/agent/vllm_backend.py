@@ -42,6 +42,7 @@ Must not touch: chat templates and tools (agent/rollout.py), the trainer's model
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,8 +66,9 @@ __all__ = ["VllmBackend", "checkpoint_weights", "engine_kwargs", "logprobs_mode_
 class VllmBackend:
     """Samples from an in-process `vllm.LLM`; `update_weights` copies the trainer's weights in."""
 
-    def __init__(self, llm, *, max_model_len: int, logprobs_mode: str, banned_token_ids=()):
+    def __init__(self, llm, *, max_model_len: int, logprobs_mode: str, banned_token_ids=(), sleep_mode: bool = False):
         self.llm = llm
+        self.sleep_mode = sleep_mode  # `asleep` frees the engine's GPU memory (rollout.vllm.sleep_mode)
         self.max_model_len = max_model_len
         self.logprobs_mode = logprobs_mode
         self.banned_token_ids = sorted(banned_token_ids)  # never sampled (module docstring)
@@ -93,7 +95,8 @@ class VllmBackend:
         kwargs = engine_kwargs(recipe, adapter_base(path) if is_adapter else path, device, several=several_processes())
         backend = cls(start_engine(kwargs, recipe, path_field=path_field),
                       max_model_len=kwargs["max_model_len"], logprobs_mode=kwargs["logprobs_mode"],
-                      banned_token_ids=vision.special_token_ids if vision is not None else ())
+                      banned_token_ids=vision.special_token_ids if vision is not None else (),
+                      sleep_mode=bool(kwargs.get("enable_sleep_mode")))
         if is_adapter:
             backend.update_weights(load_model(path, dtype=pick_dtype(recipe.model.dtype, device), device=device))
         return backend
@@ -183,6 +186,20 @@ class VllmBackend:
     def update_weights(self, model) -> None:
         """Copy `model`'s current weights (LoRA merged) into the engine and drop stale KV cache."""
         self.load_weights(checkpoint_weights(model).items())
+
+    @contextmanager
+    def asleep(self):
+        """With `sleep_mode`: the engine sleeps inside the block (level 1: its weights in CPU
+        memory, its KV cache dropped), so a colocated trainer's update has the GPU memory; it
+        wakes on leaving. Without: nothing happens. The caller syncs the weights after."""
+        if not self.sleep_mode:
+            yield
+            return
+        self.llm.sleep(level=1)
+        try:
+            yield
+        finally:
+            self.llm.wake_up()
 
     def load_weights(self, named_tensors) -> None:
         """Load (checkpoint name, tensor) pairs, consumed one at a time, into the engine and drop

@@ -63,8 +63,13 @@ def engine_kwargs(recipe, model_path: str, device: str, *, several: bool = False
     }
     if several:
         kwargs["distributed_executor_backend"] = "external_launcher"
+    if settings.sleep_mode and device != "cuda":
+        raise RecipeError([
+            f"rollout.vllm.sleep_mode: vLLM's sleep mode needs a CUDA GPU and this run is on {device}; set it to false"
+        ])
     if device == "cuda":
         kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = settings.sleep_mode
     else:
         kwargs["kv_cache_memory_bytes"] = int(settings.cpu_kv_cache_gb * GIB)
         # Prefix caching reuses whole blocks; CPU's default of 128 tokens is longer than a tiny-task

@@ -34,6 +34,7 @@ def plan(recipe: RecipeArg, gpus: GpusOpt = 1, gpu_memory_gib: GpuMemoryOpt = 80
             "model": shape.name, "params": shape.params, "trainable_params": trainable, "gpus": gpus,
             "gpu_memory_gib": gpu_memory_gib, "gradient_checkpointing": checkpointing,
             "stages": {stage: {"rows_gib": p.rows, "total_gib": p.total_gib, "fits": p.total_gib <= gpu_memory_gib,
+                               "update_gib": p.update_gib, "rollout_gib": p.rollout_gib,
                                "tokens_per_micro_batch": p.tokens_per_micro_batch,
                                "total_gib_checkpointing_flipped": other[stage].total_gib}
                        for stage, p in plans.items()},
@@ -57,6 +58,10 @@ def _print(shape, trainable, gpus, gpu_memory_gib, checkpointing, plans, other) 
     names = list(dict.fromkeys(name for p in plans.values() for name in p.rows))
     for name in names:
         table.add_row(name, *(f"{p.rows[name]:.1f}" if name in p.rows else "-" for p in plans.values()))
+    if any(p.rollout_gib is not None for p in plans.values()):
+        table.add_row("update", *(f"{p.update_gib:.1f}" for p in plans.values()))
+        table.add_row("rollout (engine awake)", *("-" if p.rollout_gib is None else f"{p.rollout_gib:.1f}"
+                                                  for p in plans.values()))
     table.add_row("total", *(f"{p.total_gib:.1f}" for p in plans.values()), style="bold")
     console.print(table)
     flipped = "with" if not checkpointing else "without"
@@ -67,8 +72,12 @@ def _print(shape, trainable, gpus, gpu_memory_gib, checkpointing, plans, other) 
                       f"{flipped} run.distributed.gradient_checkpointing: {other[stage].total_gib:.1f} GiB",
                       highlight=False)
     if any("vLLM engine" in p.rows for p in plans.values()):
-        console.print("vLLM engine: rollout.vllm.gpu_memory_utilization of the GPU, held through the update",
-                      highlight=False)
+        console.print("vLLM engine: rollout.vllm.gpu_memory_utilization of the GPU, held through the update "
+                      "(rollout.vllm.sleep_mode frees it there)", highlight=False)
+    if any(p.rollout_gib is not None for p in plans.values()):
+        console.print("rollout.vllm.sleep_mode: the engine sleeps in the update; total = the larger of the "
+                      "update and the rollout (the engine beside the weights, masters, gradients and Adam "
+                      "states kept between updates)", highlight=False)
 
 
 def _count(n: int) -> str:

@@ -21,7 +21,10 @@ Torch-free. The model's shape comes from its `config.json` (a local folder; a VL
   chunks (train/logit_chunks.py), else of every position of the micro-batch; hdpo micro-batches
   hold at most `hdpo.micro_batch_tokens` tokens when that is set;
 - vLLM (hdpo with `rollout.backend: vllm`): `rollout.vllm.gpu_memory_utilization` of the GPU,
-  held through the update (an engine with sleep mode frees most of it meanwhile);
+  held through the update; with `rollout.vllm.sleep_mode` the engine is asleep during the update
+  (its weights in CPU memory), so the step needs the larger of the update (without the engine)
+  and the rollout (the engine beside what the trainer keeps between updates: weights, masters,
+  gradients, Adam states, the runtime overhead; `StagePlan.rollout_gib`);
 - the HF rollout copy (hdpo on N > 1 processes with `rollout.backend: hf`): each rank samples from
   its own unsharded copy of the whole policy in the compute dtype (`stages/hdpo_dist.rollout_copy`),
   held through the update; one process samples from the training model itself. Either way the HF
@@ -178,10 +181,16 @@ class StagePlan:
     tokens_per_micro_batch: int
     rows: dict[str, float] = field(default_factory=dict)
     """Component -> GiB per GPU."""
+    rollout_gib: float | None = None
+    """With vLLM's sleep mode: GiB per GPU while the engine samples (it sleeps in the update)."""
+
+    @property
+    def update_gib(self) -> float:
+        return sum(self.rows.values())
 
     @property
     def total_gib(self) -> float:
-        return sum(self.rows.values())
+        return max(self.update_gib, self.rollout_gib or 0.0)
 
 
 def plan_stage(shape: ModelShape, recipe, stage: str, gpus: int, gpu_memory_gib: float,
@@ -226,12 +235,19 @@ def plan_stage(shape: ModelShape, recipe, stage: str, gpus: int, gpu_memory_gib:
     budget = recipe.model.logits_budget_mib
     positions = tokens if budget is None else min(tokens, logit_chunk_positions(shape.vocab_size, budget))
     rows["logits" if positions == tokens else "logits (chunked)"] = positions * shape.vocab_size * logits_bytes / GIB
+    engine_gib, asleep = 0.0, False
     if stage == "hdpo" and recipe.rollout.backend == "vllm":
-        rows["vLLM engine"] = recipe.rollout.vllm.gpu_memory_utilization * gpu_memory_gib
+        engine_gib, asleep = recipe.rollout.vllm.gpu_memory_utilization * gpu_memory_gib, recipe.rollout.vllm.sleep_mode
+        rows["vLLM engine (asleep in the update)" if asleep else "vLLM engine"] = 0.0 if asleep else engine_gib
     elif stage == "hdpo":
         if gpus > 1:
             rows["rollout copy (unsharded)"] = params * compute / GIB
         kv_per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * compute
         rows["rollout KV cache (hf)"] = recipe.rollout.batch_size * recipe.rollout.max_total_tokens * kv_per_token / GIB
     rows["runtime overhead"] = RUNTIME_OVERHEAD_GIB
-    return StagePlan(stage, tokens, rows)
+    plan = StagePlan(stage, tokens, rows)
+    if asleep:
+        kept = {name: gib for name, gib in rows.items()
+                if not name.startswith(("activations", "logits", "gathered layers", "vLLM engine"))}
+        plan.rollout_gib = sum(kept.values()) + engine_gib
+    return plan

@@ -151,6 +151,10 @@ class VllmConfig(Section):
         1, gt=0, description="GPUs per engine; per-step weight sync needs the in-process engine, so 1."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prefixes.")
+    sleep_mode: bool = Field(
+        False, description="Free the engine's GPU memory during each update (vLLM sleep mode, level 1: the "
+        "weights move to CPU memory and the KV cache is dropped; woken and synced after). CUDA only."
+    )
     continuous: bool = Field(
         True, description="Continuous batching per rollout: a rollout's next turn starts as soon as its tool "
         "returns, while the others keep generating (1.3x faster with 50 ms tool calls in "

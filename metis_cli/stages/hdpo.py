@@ -49,6 +49,7 @@ step), samples and final/ (one HF folder); checkpoints are sharded.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,13 +231,15 @@ class HdpoStage(HdpoCheckpoints):
 
         if not bool(batch.keep.any()):
             return None
-        figures = update_share(
-            self.model, self.weights, rollouts, everyone or rollouts, batch, advantages, self.cfg, self.dist,
-            pad_token_id=self.tokenizer.pad_token_id, temperature=self.recipe.rollout.temperature,
-            logits_budget_mib=self.recipe.model.logits_budget_mib,
-            device=self.device, reference=self.reference, vision=self.vision,
-            rehearse=self._rehearse if self.rehearsal is not None else None,
-        )
+        asleep = self.backend.asleep() if hasattr(self.backend, "asleep") else nullcontext()  # vLLM sleep mode
+        with asleep:
+            figures = update_share(
+                self.model, self.weights, rollouts, everyone or rollouts, batch, advantages, self.cfg, self.dist,
+                pad_token_id=self.tokenizer.pad_token_id, temperature=self.recipe.rollout.temperature,
+                logits_budget_mib=self.recipe.model.logits_budget_mib,
+                device=self.device, reference=self.reference, vision=self.vision,
+                rehearse=self._rehearse if self.rehearsal is not None else None,
+            )
         self.sync_weights()
         return figures
 
