@@ -44,8 +44,9 @@ def engine_kwargs(recipe, model_path: str, device: str, *, several: bool = False
     settings, rollout = recipe.rollout.vllm, recipe.rollout
     if settings.tensor_parallel_size != 1:
         raise RecipeError([
-            f"rollout.vllm.tensor_parallel_size: {settings.tensor_parallel_size} is not supported; per-step "
-            "weight sync runs vLLM in the trainer's process, which serves one GPU: set it to 1"
+            f"rollout.vllm.tensor_parallel_size: {settings.tensor_parallel_size} is not supported yet; each "
+            "process runs its own engine in the trainer's process, on its own GPU (tensor parallel 1): set it "
+            "to 1 (a policy too large for one GPU's engine share can sample with rollout.backend: hf)"
         ])
     dtype = recipe.model.dtype
     if dtype == "auto":  # vLLM's auto picks bf16 even on CPU; match the trainer (model/runtime.py)

@@ -148,7 +148,8 @@ class VllmConfig(Section):
         None, gt=0, description="Longest sequence vLLM will serve; null = rollout.max_total_tokens."
     )
     tensor_parallel_size: int = Field(
-        1, gt=0, description="GPUs per engine; per-step weight sync needs the in-process engine, so 1."
+        1, gt=0, description="GPUs per engine; 1 (each process runs its own in-process engine on its GPU; "
+        "tensor parallel engines across processes are not built yet)."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prefixes.")
     sleep_mode: bool = Field(
