@@ -199,6 +199,10 @@ class VllmBackend:
         try:
             yield
         finally:
+            import torch
+
+            if torch.cuda.is_available():  # the update's cached blocks back to the driver, for the engine
+                torch.cuda.empty_cache()
             self.llm.wake_up()
 
     def load_weights(self, named_tensors) -> None:
