@@ -25,6 +25,8 @@ Must not touch: chat templates and tools (agent/rollout.py owns multi-turn logic
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from typing import Protocol
 
 import torch
@@ -64,6 +66,10 @@ class HFBackend:
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""
+
+    def asleep(self):
+        """Nothing to give back: the model it samples from is the trainer's (or its copy)."""
+        return nullcontext()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  images: list[list] | None = None) -> list[Generation]:

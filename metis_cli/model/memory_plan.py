@@ -219,6 +219,7 @@ def plan_stage(shape: ModelShape, recipe, stage: str, gpus: int, gpu_memory_gib:
         rows["gathered layers"] = gathered * compute / GIB
     rows["gradients (fp32)"] = trainable * 4 / gpus / GIB
     rows["Adam states (fp32)"] = trainable * 8 / gpus / GIB
+    kept_gib = sum(gib for name, gib in rows.items() if name != "gathered layers")  # held between updates
 
     if stage == "sft":
         tokens = math.ceil(recipe.sft.batch_size / gpus) * recipe.sft.max_seq_len
@@ -247,7 +248,5 @@ def plan_stage(shape: ModelShape, recipe, stage: str, gpus: int, gpu_memory_gib:
     rows["runtime overhead"] = RUNTIME_OVERHEAD_GIB
     plan = StagePlan(stage, tokens, rows)
     if asleep:
-        kept = {name: gib for name, gib in rows.items()
-                if not name.startswith(("activations", "logits", "gathered layers", "vLLM engine"))}
-        plan.rollout_gib = sum(kept.values()) + engine_gib
+        plan.rollout_gib = kept_gib + RUNTIME_OVERHEAD_GIB + engine_gib
     return plan

@@ -49,7 +49,6 @@ step), samples and final/ (one HF folder); checkpoints are sharded.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,8 +230,7 @@ class HdpoStage(HdpoCheckpoints):
 
         if not bool(batch.keep.any()):
             return None
-        asleep = self.backend.asleep() if hasattr(self.backend, "asleep") else nullcontext()  # vLLM sleep mode
-        with asleep:
+        with self.backend.asleep():  # vLLM's sleep mode frees the engine's GPU memory for the update
             figures = update_share(
                 self.model, self.weights, rollouts, everyone or rollouts, batch, advantages, self.cfg, self.dist,
                 pad_token_id=self.tokenizer.pad_token_id, temperature=self.recipe.rollout.temperature,

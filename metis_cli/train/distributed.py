@@ -308,9 +308,10 @@ def full_state_dict_iter(model, *, dtype=None, device: str = "cpu", trainable_on
     embeddings: an engine such as vLLM's CPU backend keeps its own copy of it). Names are the
     model's own (for a transformers model: those its safetensors files use)."""
     _reshard(model)
+    state = model.state_dict(keep_vars=True) if tied_names or not trainable_only else {}
     aliases: dict[int, list[str]] = {}
     if tied_names:
-        for name, tensor in model.state_dict(keep_vars=True).items():
+        for name, tensor in state.items():
             aliases.setdefault(id(tensor), []).append(name)
     seen: set[int] = set()
     for name, param in model.named_parameters():
@@ -324,9 +325,8 @@ def full_state_dict_iter(model, *, dtype=None, device: str = "cpu", trainable_on
                 yield alias, full
     if trainable_only:
         return
-    persistent = {name for name, _ in model.state_dict(keep_vars=True).items()}
     for name, buffer in model.named_buffers():
-        if name in persistent:
+        if name in state:  # persistent
             yield name, _gathered(buffer, dtype, device)
 
 
