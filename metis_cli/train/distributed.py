@@ -104,9 +104,13 @@ def init_distributed(device_setting: str = "auto") -> DistributedContext:
 
 
 def teardown() -> None:
+    """End the job's process group after success (every rank calls it). The barrier first: a rank
+    that destroys its group while a peer is still finishing its last collective can abort the
+    process at exit ("terminate called without an active exception", seen once in CI)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
