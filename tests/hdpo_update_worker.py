@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from metis_cli.agent.rollout import Rollout
 from metis_cli.algo.types import Advantages, ScoredBatch
 from metis_cli.recipe.load import load_recipe
-from metis_cli.stages.hdpo_dist import share, update_share
+from metis_cli.stages.hdpo_dist import Replicas, share, update_share
 from metis_cli.stages.hdpo_ptx import Rehearsal
 from metis_cli.stages.hdpo_update import policy_update
 from metis_cli.train.distributed import init_distributed, shard_model, teardown
@@ -90,7 +90,7 @@ def compare(model_dir: str, overrides: list[str], context, ptx: bool = False) ->
                         advantages.select(index), cfg, rehearse=rehearse_one, **common)
 
     sharded = shard_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train(), recipe, context)
-    groups = share(list(range(len(GROUP_SIZES))), context)
+    groups = share(list(range(len(GROUP_SIZES))), Replicas(context))
     mine = [r for r in rollouts if r.prompt_index in groups]
     shared_rehearsal = rehearsal(alone.config.vocab_size, context.rank, context.world_size)
     rehearse_two = (lambda i, scope: shared_rehearsal.backward(sharded, i, device, scope)) if ptx else None

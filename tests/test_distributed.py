@@ -314,6 +314,62 @@ def test_killed_vllm_rank_stops_the_job_and_resume_syncs_the_engines(vllm_ready,
 
 
 @slow
+@pytest.mark.vllm
+def test_two_processes_share_one_tensor_parallel_vllm_engine(vllm_ready, tmp_path):
+    """rollout.vllm.tensor_parallel_size 2 on 2 processes: one engine spans both ranks (each holds
+    half of every sharded weight). Both must send it the same requests -- the same prompts and
+    seed, in waves, with the first rank's tool results -- or its collectives pair different
+    batches and the job fails or hangs; then each trains half of the groups. So: one metrics row
+    per step training each of the step's 16 rollouts at most once, both prompts in the saved samples, and
+    the sampler's log-probs matching the trainer's after every weight sync (each rank's slices)."""
+    output = tmp_path / "hdpo"
+    result = metis("hdpo", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
+                   *vllm_overrides(vllm_ready, output, **{"hdpo.steps": "3", "hdpo.eval_every": "3",
+                                                          "rollout.vllm.tensor_parallel_size": "2"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(output / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    steps = records[1:]
+    assert all(r["world_size"] == 2 and r["rollouts_trained"] <= 16 for r in steps), steps  # none twice
+    assert any(r["rollouts_trained"] > 0 and r["update_rms"] > 0 for r in steps), steps
+    assert all("eval/easy/accuracy" in records[i] for i in (0, 3))
+    assert max(r["logprob_mismatch"] for r in steps) < 1e-3, [r["logprob_mismatch"] for r in steps]
+    for saved in sorted((output / "rollouts").glob("step_*.jsonl")):
+        lines = [json.loads(line) for line in saved.read_text().splitlines()]
+        assert len(lines) == 4 and len({line["prompt_id"] for line in lines}) == 2, saved
+
+
+def test_tensor_parallel_replicas_share_out_every_group_once():
+    """4 processes, engines of 2: the 2 replicas split the prompts, each replica's 2 ranks roll
+    out the same ones and train alternate groups -- every prompt trained by exactly one rank."""
+    from metis_cli.stages.hdpo_dist import Replicas, own, place, rollout_seed, share
+    from metis_cli.train.distributed import DistributedContext
+
+    prompts, trained, seeds = list(range(10)), {}, {}
+    for rank in range(4):
+        replicas = Replicas(DistributedContext(rank=rank, world_size=4), 2)
+        mine = share(prompts, replicas)
+        assert mine == prompts[rank // 2 :: 2]
+        rollouts = [SimpleNamespace(prompt_index=i) for i in range(len(mine)) for _ in range(3)]  # G = 3
+        trained[rank] = sorted({r.prompt_index for r in own(place(rollouts, replicas), replicas)})
+        seeds[rank] = rollout_seed(7, replicas)
+    assert trained == {0: [0, 4, 8], 1: [2, 6], 2: [1, 5, 9], 3: [3, 7]}
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3]  # a replica's ranks sample alike
+    one = Replicas(DistributedContext(rank=1, world_size=2))
+    assert share(prompts, one) == prompts[1::2] and rollout_seed(7, Replicas(DistributedContext())) == 7
+
+
+@slow
+def test_a_replicas_ranks_see_the_first_ranks_tool_results_and_send_the_same_requests(tmp_path):
+    reports = sorted((json.loads(line) for line in torchrun_worker("replica_worker.py", tmp_path).stdout.splitlines()
+                      if line.startswith("{")), key=lambda r: r["rank"])
+    assert [r["results"] for r in reports] == [["1+1 on rank 0", "2*3 on rank 0"]] * 2
+    assert [r["ran"] for r in reports] == [2, 0] and [r["ended"] for r in reports] == [[1], []]  # tools run once
+    assert all(r["same"] == [[1, 2, 3]] and "different requests" in r["mismatch"] for r in reports)
+    assert [r["trained"] for r in reports] == [[0, 2, 4], [1, 3, 5]]
+
+
+@slow
 def test_one_hdpo_update_on_two_processes_equals_one_process(tiny_model_dir):
     result = torchrun_worker("hdpo_update_worker.py", tiny_model_dir)
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -352,6 +408,8 @@ def test_killed_hdpo_rank_stops_the_job_and_resume_continues(rl_ready, tmp_path)
     (["hdpo.prompts_per_step=1"], "hdpo.prompts_per_step (1) is below the number of processes (2)"),
     (["hdpo.ptx.batch_size=3"], "hdpo.ptx.batch_size (3) is not a multiple of the number of processes (2)"),
     (["rollout.backend=vllm", "model.lora.enabled=true"], "rollout.backend: vllm with model.lora"),
+    (["rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=4"],
+     "rollout.vllm.tensor_parallel_size (4) does not divide the number of processes (2)"),
 ])
 def test_settings_several_processes_cannot_run_are_named(overrides, message):
     from metis_cli.errors import MetisError

@@ -9,6 +9,7 @@ import pytest
 from metis_cli.rewards import batch
 from metis_cli.stages import hdpo_dist
 from metis_cli.stages.hdpo_eval import HeldOutEval
+from metis_cli.stages.hdpo_dist import Replicas
 from metis_cli.train.distributed import DistributedContext
 
 
@@ -53,7 +54,7 @@ def passes(held_out: HeldOutEval, count: int) -> Engine:
 
 def test_eval_images_are_read_once_and_the_same_objects_go_to_every_pass():
     prompts = [Prompt("a"), Prompt("b"), Prompt("c")]
-    engine = passes(HeldOutEval(prompts, DistributedContext(), with_images=True), 3)
+    engine = passes(HeldOutEval(prompts, Replicas(DistributedContext()), with_images=True), 3)
     assert [p.reads for p in prompts] == [1, 1, 1]
     first = engine.calls[0][1]
     assert len(first) == 3 and all(len(row) == 1 for row in first)
@@ -64,13 +65,13 @@ def test_eval_images_are_read_once_and_the_same_objects_go_to_every_pass():
 
 def test_each_process_reads_only_its_share():
     prompts = [Prompt("a"), Prompt("b"), Prompt("c")]
-    engine = passes(HeldOutEval(prompts, DistributedContext(rank=1, world_size=2), with_images=True), 2)
+    engine = passes(HeldOutEval(prompts, Replicas(DistributedContext(rank=1, world_size=2)), with_images=True), 2)
     assert [p.reads for p in prompts] == [0, 1, 0]
     assert [messages for messages, _ in engine.calls] == [[prompts[1].messages]] * 2
 
 
 def test_a_text_only_policy_reads_no_images():
     prompts = [Prompt("a"), Prompt("b"), Prompt("c")]
-    engine = passes(HeldOutEval(prompts, DistributedContext(), with_images=False), 2)
+    engine = passes(HeldOutEval(prompts, Replicas(DistributedContext()), with_images=False), 2)
     assert [p.reads for p in prompts] == [0, 0, 0]
     assert [images for _, images in engine.calls] == [None, None]

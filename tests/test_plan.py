@@ -95,6 +95,24 @@ def test_vllm_sleep_mode_needs_the_larger_of_the_update_and_the_rollout():
     assert asleep.total_gib < awake.total_gib
 
 
+def test_a_tensor_parallel_engine_holds_a_slice_of_the_weights_per_gpu():
+    """The engine's share of each GPU holds 1/T of the bf16 weights; the rest is its KV cache. A
+    share too small for the weights is called out, with the two fields that fix it."""
+    vl = KNOWN_MODELS["Qwen/Qwen3-VL-8B-Instruct"]
+    one = plan_stage(vl, load_recipe(REPO / "recipes" / "8b.yaml", []), "hdpo", gpus=8, gpu_memory_gib=80)
+    two = plan_stage(vl, load_recipe(REPO / "recipes" / "8b.yaml", ["rollout.vllm.tensor_parallel_size=2"]),
+                     "hdpo", gpus=8, gpu_memory_gib=80)
+    assert one.engine_weights_gib == pytest.approx(vl.params * 2 / GIB)
+    assert two.engine_weights_gib == pytest.approx(one.engine_weights_gib / 2)
+    assert two.engine_kv_gib == pytest.approx(0.6 * 80 - vl.params / GIB)
+    tight = ["plan", "recipes/8b.yaml", "--gpus", "8", "--set", "rollout.vllm.gpu_memory_utilization=0.15"]
+    result = CliRunner().invoke(app, tight)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and "does NOT fit: raise rollout.vllm.gpu_memory_utilization" in text, text
+    text = " ".join(CliRunner().invoke(app, [*tight, "--set", "rollout.vllm.tensor_parallel_size=2"]).output.split())
+    assert "(1/2 of them: rollout.vllm.tensor_parallel_size 2), leaving 3.8 GiB for its KV cache" in text, text
+
+
 def test_parameters_are_counted_from_safetensors_headers(tmp_path):
     import torch
     from safetensors.torch import save_file

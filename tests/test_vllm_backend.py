@@ -391,6 +391,17 @@ def test_lora_weights_are_merged_like_peft_merge_and_unload(model_dir):
     assert changed and all(any(t in n for t in recipe.model.lora.target_modules) for n in changed)
 
 
+def test_a_killed_runs_cpu_shared_memory_is_named_at_start_up(model_dir):
+    """vLLM-CPU's tensor-parallel engines name their /dev/shm segments alike in every run; a
+    kill -9 leaves them, and the next start fails with EEXIST: the error says what to remove."""
+    from metis_cli.agent.vllm_engine import startup_error
+
+    recipe = _recipe(model_dir, tensor_parallel_size=2)
+    error = startup_error(RuntimeError("create shm in SHMManager failed. errno: 17"), {"model": str(model_dir)},
+                          recipe, "hdpo.init_from")
+    assert "rm /dev/shm/*cpushm*" in str(error) and "killed earlier run" in str(error)
+
+
 def test_engine_settings_follow_the_recipe_on_cpu(model_dir):
     kwargs = engine_kwargs(_recipe(model_dir, cpu_kv_cache_gb=0.5), str(model_dir), "cpu")
     assert kwargs["kv_cache_memory_bytes"] == 2**29
@@ -399,8 +410,10 @@ def test_engine_settings_follow_the_recipe_on_cpu(model_dir):
     assert (kwargs["dtype"], kwargs["enforce_eager"], kwargs["enable_prefix_caching"]) == ("float32", True, True)
     gpu = engine_kwargs(_recipe(model_dir, max_model_len=300, gpu_memory_utilization=0.4), str(model_dir), "cuda")
     assert (gpu["gpu_memory_utilization"], gpu["max_model_len"]) == (0.4, 300)
-    with pytest.raises(RecipeError, match=r"rollout\.vllm\.tensor_parallel_size"):
-        engine_kwargs(_recipe(model_dir, tensor_parallel_size=2), str(model_dir), "cuda")
+    with pytest.raises(RecipeError, match=r"rollout\.vllm\.tensor_parallel_size: 2 needs that many processes"):
+        engine_kwargs(_recipe(model_dir, tensor_parallel_size=2), str(model_dir), "cuda")  # one process
+    shared = engine_kwargs(_recipe(model_dir, tensor_parallel_size=2), str(model_dir), "cuda", several=True)
+    assert shared["tensor_parallel_size"] == 2 and shared["distributed_executor_backend"] == "external_launcher"
     assert gpu["enable_sleep_mode"] is False and "enable_sleep_mode" not in kwargs
     assert engine_kwargs(_recipe(model_dir, sleep_mode=True), str(model_dir), "cuda")["enable_sleep_mode"] is True
     with pytest.raises(RecipeError, match=r"rollout\.vllm\.sleep_mode: .* needs a CUDA GPU .* on cpu"):

@@ -4,8 +4,9 @@ change, and the process state an in-process engine would otherwise disturb (RNGs
 
 Under several processes (torchrun, `metis hdpo --nproc-per-node N`) every rank runs its own
 engine, colocated with its trainer: vLLM's `external_launcher` executor joins the launcher's
-process group (each rank an independent data-parallel replica with tensor_parallel_size 1), and
-closing an engine leaves that group to the launcher (`release_engine`).
+process group (each rank an independent data-parallel replica, or with tensor_parallel_size T
+every T consecutive ranks one engine: vLLM orders its groups ExternalDP x DP x PP x TP, TP
+fastest), and closing an engine leaves that group to the launcher (`release_engine`).
 
 Must not touch: sampling and weight sync (agent/vllm_backend.py).
 """
@@ -42,11 +43,11 @@ def engine_kwargs(recipe, model_path: str, device: str, *, several: bool = False
     """`vllm.LLM(**kwargs)` for a recipe: its rollout.vllm section, model dtype and seed;
     `several`: this rank's engine of a multi-process job (module docstring)."""
     settings, rollout = recipe.rollout.vllm, recipe.rollout
-    if settings.tensor_parallel_size != 1:
+    if settings.tensor_parallel_size > 1 and not several:
         raise RecipeError([
-            f"rollout.vllm.tensor_parallel_size: {settings.tensor_parallel_size} is not supported yet; each "
-            "process runs its own engine in the trainer's process, on its own GPU (tensor parallel 1): set it "
-            "to 1 (a policy too large for one GPU's engine share can sample with rollout.backend: hf)"
+            f"rollout.vllm.tensor_parallel_size: {settings.tensor_parallel_size} needs that many processes per "
+            "engine, and this is one process (the engine runs inside it): launch `metis hdpo` with "
+            f"--nproc-per-node (a multiple of {settings.tensor_parallel_size}), or set it to 1"
         ])
     dtype = recipe.model.dtype
     if dtype == "auto":  # vLLM's auto picks bf16 even on CPU; match the trainer (model/runtime.py)
@@ -130,6 +131,12 @@ def startup_error(error: Exception, kwargs: dict, recipe, path_field: str) -> Ex
                     else "rollout.vllm.cpu_kv_cache_gb")
     length_field = ("rollout.vllm.max_model_len" if recipe.rollout.vllm.max_model_len
                     else "rollout.max_total_tokens (rollout.vllm.max_model_len is unset and follows it)")
+    if "create shm" in lowered and "errno: 17" in lowered:
+        return ModelError(
+            "rollout.vllm.tensor_parallel_size: vLLM's CPU tensor-parallel engine found its shared memory "
+            "already taken (/dev/shm/*-cpushm_*): a killed earlier run left it. If no other tensor-parallel "
+            "vLLM runs on this machine, remove those files (rm /dev/shm/*cpushm*) and start again"
+        )
     if "no available memory for the cache blocks" in lowered or "try increasing" in lowered:
         return RecipeError([
             f"{memory_field}: too small for vLLM's KV cache: {text[:400]} -- raise {memory_field} "

@@ -36,6 +36,7 @@ def plan(recipe: RecipeArg, gpus: GpusOpt = 1, gpu_memory_gib: GpuMemoryOpt = 80
             "stages": {stage: {"rows_gib": p.rows, "total_gib": p.total_gib, "fits": p.total_gib <= gpu_memory_gib,
                                "update_gib": p.update_gib, "rollout_gib": p.rollout_gib,
                                "tokens_per_micro_batch": p.tokens_per_micro_batch,
+                               "engine_weights_gib": p.engine_weights_gib, "engine_kv_gib": p.engine_kv_gib,
                                "total_gib_checkpointing_flipped": other[stage].total_gib}
                        for stage, p in plans.items()},
         })
@@ -74,6 +75,15 @@ def _print(shape, trainable, gpus, gpu_memory_gib, checkpointing, plans, other) 
     if any("vLLM engine" in p.rows for p in plans.values()):
         console.print("vLLM engine: rollout.vllm.gpu_memory_utilization of the GPU, held through the update "
                       "(rollout.vllm.sleep_mode frees it there)", highlight=False)
+    for p in plans.values():
+        if p.engine_gib is None:
+            continue
+        room = (f"leaving {p.engine_kv_gib:.1f} GiB for its KV cache" if p.engine_kv_gib > 0 else
+                "which does NOT fit: raise rollout.vllm.gpu_memory_utilization or rollout.vllm.tensor_parallel_size")
+        slices = ("" if p.engine_tensor_parallel == 1 else
+                  f" (1/{p.engine_tensor_parallel} of them: rollout.vllm.tensor_parallel_size {p.engine_tensor_parallel})")
+        console.print(f"vLLM engine share: {p.engine_gib:.1f} GiB per GPU; the policy's weights take "
+                      f"{p.engine_weights_gib:.1f} GiB of it{slices}, {room}", highlight=False)
     if any(p.rollout_gib is not None for p in plans.values()):
         console.print("rollout.vllm.sleep_mode: the engine sleeps in the update; total = the larger of the "
                       "update and the rollout (the engine beside the weights, masters, gradients and Adam "

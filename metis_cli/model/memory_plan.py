@@ -183,6 +183,16 @@ class StagePlan:
     """Component -> GiB per GPU."""
     rollout_gib: float | None = None
     """With vLLM's sleep mode: GiB per GPU while the engine samples (it sleeps in the update)."""
+    engine_weights_gib: float | None = None
+    """With vLLM: the policy's weights in the engine's share, per GPU (1 / tensor_parallel_size of them)."""
+    engine_gib: float | None = None
+    """With vLLM: the engine's share of a GPU (weights + KV cache)."""
+    engine_tensor_parallel: int = 1
+
+    @property
+    def engine_kv_gib(self) -> float | None:
+        """With vLLM: what the engine's share leaves for its KV cache (<= 0: the weights do not fit)."""
+        return None if self.engine_gib is None else self.engine_gib - self.engine_weights_gib
 
     @property
     def update_gib(self) -> float:
@@ -249,4 +259,8 @@ def plan_stage(shape: ModelShape, recipe, stage: str, gpus: int, gpu_memory_gib:
     plan = StagePlan(stage, tokens, rows)
     if asleep:
         plan.rollout_gib = kept_gib + RUNTIME_OVERHEAD_GIB + engine_gib
+    if stage == "hdpo" and recipe.rollout.backend == "vllm":
+        plan.engine_gib = engine_gib
+        plan.engine_tensor_parallel = recipe.rollout.vllm.tensor_parallel_size
+        plan.engine_weights_gib = params * compute / plan.engine_tensor_parallel / GIB
     return plan

@@ -148,8 +148,9 @@ class VllmConfig(Section):
         None, gt=0, description="Longest sequence vLLM will serve; null = rollout.max_total_tokens."
     )
     tensor_parallel_size: int = Field(
-        1, gt=0, description="GPUs per engine; 1 (each process runs its own in-process engine on its GPU; "
-        "tensor parallel engines across processes are not built yet)."
+        1, gt=0, description="GPUs (processes) per engine. 1: each process runs its own engine on its GPU; "
+        "T > 1 (hdpo on several processes): every T consecutive processes share one tensor-parallel engine, "
+        "sampling in turn-synchronous waves with the tools run on the engine's first process."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prefixes.")
     sleep_mode: bool = Field(

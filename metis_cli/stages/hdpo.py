@@ -82,7 +82,7 @@ class HdpoStage(HdpoCheckpoints):
         from metis_cli.telemetry.run import MetricsLog, prepare_stage_dir, stage_inputs, write_resolved_recipe
         from metis_cli.host import available_cores
         from metis_cli.model.runtime import pick_device, quiet_libraries, seed_everything, setup_threads
-        from metis_cli.stages.hdpo_dist import check
+        from metis_cli.stages.hdpo_dist import Replicas, check
         from metis_cli.train.distributed import init_distributed, run_on_main, training_timeouts
 
         self.dist = init_distributed(self.recipe.run.device)
@@ -96,6 +96,7 @@ class HdpoStage(HdpoCheckpoints):
             write_resolved_recipe(self.recipe)
 
         run_on_main(self.dist, prepare)
+        self.replicas = Replicas.for_recipe(self.recipe, self.dist)  # before any engine starts (its groups)
         quiet_libraries()
         setup_threads(self.dist.threads(self.recipe.run.threads, available_cores()))
         self.device = self.dist.device if self.dist.enabled else pick_device(self.recipe.run.device)
@@ -158,9 +159,15 @@ class HdpoStage(HdpoCheckpoints):
         agent = build_agent(self.recipe, self.cfg.init_from, registry=build_registry(self.recipe),
                             field="hdpo.init_from", model=self.rollout_model, tokenizer=self.tokenizer)
         self.registry, self.backend, self.engine = agent.registry, agent.backend, agent.engine
+        if self.replicas.size > 1:  # a tensor-parallel engine: its ranks send it the same requests (hdpo_dist)
+            from metis_cli.stages.hdpo_dist import LeaderTools, LockstepBackend
+
+            self.engine.continuous = False
+            self.engine.tools = LeaderTools(self.engine.tools, self.replicas)
+            self.engine.backend = LockstepBackend(self.engine.backend, self.replicas)
         self.vision = agent.vision  # images of a vision-language policy (model/vision.py), else None
         self.checker = build_checker(self.recipe.reward)
-        self.held_out = HeldOutEval(self.eval_examples, self.dist, with_images=self.vision is not None)
+        self.held_out = HeldOutEval(self.eval_examples, self.replicas, with_images=self.vision is not None)
         self._setup_guard()
 
     def _setup_rehearsal(self) -> None:
@@ -203,12 +210,12 @@ class HdpoStage(HdpoCheckpoints):
         """Sample G rollouts per example of this process's share of `examples` (all of them on one
         process) and score them. Returns (rollouts, scores); prompt_index: position in `examples`."""
         from metis_cli.rewards.batch import score_rollouts
-        from metis_cli.stages.hdpo_dist import place, rollout_seed, share
+        from metis_cli.stages.hdpo_dist import own, place, rollout_seed, share
 
-        mine = share(examples, self.dist)
-        seed = rollout_seed(derive_seed(HDPO_STEP_SEED, self.recipe.run.seed, self.step), self.dist)
-        rollouts = place(self.engine.run([e.messages for e in mine], self.cfg.group_size, seed=seed,
-                                         images=self._images(mine)), self.dist)
+        mine = share(examples, self.replicas)
+        seed = rollout_seed(derive_seed(HDPO_STEP_SEED, self.recipe.run.seed, self.step), self.replicas)
+        rollouts = own(place(self.engine.run([e.messages for e in mine], self.cfg.group_size, seed=seed,
+                                             images=self._images(mine)), self.replicas), self.replicas)
         scores = score_rollouts(rollouts, examples, self.checker, self.recipe.reward, retries=self.cfg.unscored_retries)
         return rollouts, scores
 

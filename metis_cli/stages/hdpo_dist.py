@@ -6,15 +6,23 @@ every function here returns its input, so `stages.hdpo` runs the same code eithe
   (`share`), whole groups of G, so the advantages -- normalised per group -- need no other rank.
   `place` renumbers its rollouts' `prompt_index` to the prompt's position in the step, so a
   group has one id on every rank. The held-out eval is split the same way.
+- Tensor-parallel engines (`rollout.vllm.tensor_parallel_size` T > 1, `Replicas`): T consecutive
+  ranks share one vLLM engine, and every rank of it must send the engine the same requests in
+  the same order. So the N / T replicas, not the ranks, share out the prompts; a replica's ranks
+  sample the same prompts with the same seed, in turn-synchronous waves (continuous batching
+  would order requests by tool timing, which differs between processes), and see the same tool
+  results: its first rank runs every call and broadcasts the results (`LeaderTools`). Then each
+  of its ranks keeps every T-th of the replica's groups (`own`) to score, log and train, so every
+  rollout counts once.
 - Sampling: each rank samples from its own unsharded copy of the policy in the compute dtype:
   with the HF backend a model (`rollout_copy`) refreshed from the FSDP shards after each update
   (`train.distributed.copy_full_weights`, one tensor at a time); with vLLM the rank's own engine
   (agent/vllm_engine.py, `external_launcher`), into which each tensor is streamed as it is
-  gathered (`HdpoStage.sync_weights`), so no rank holds the whole model outside it. Not from the
-  FSDP model itself:
-  each of its forwards is a collective, and the ranks' rollouts end after different numbers of
-  decode steps, so their forwards could not pair up. `rollout_seed`: one process keeps the
-  step's seed; rank r of N > 1 samples with `derive_seed(HDPO_STEP_SEED, step_seed, r)`. A
+  gathered (`HdpoStage.sync_weights`; a tensor-parallel engine keeps its slice of each), so no
+  rank holds the whole model outside it. Not from the FSDP model itself: each of its forwards is
+  a collective, and the ranks' rollouts end after different numbers of decode steps, so their
+  forwards could not pair up. `rollout_seed`: one process keeps the step's seed; replica i of
+  N > 1 processes samples with `derive_seed(HDPO_STEP_SEED, step_seed, i)`. A
   batched sampler draws every row of a call from one generator, so what a prompt gets depends
   on the prompts beside it: a run repeats exactly for the same number of processes, not across
   numbers.
@@ -37,7 +45,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -45,28 +53,132 @@ from torch import Tensor
 from metis_cli.algo.types import Advantages
 from metis_cli.model.runtime import HDPO_STEP_SEED, derive_seed
 from metis_cli.stages.hdpo_update import MicroBatch, UpdateFigures, micro_batches, policy_update
-from metis_cli.train.distributed import DistributedContext, all_gather_objects, all_reduce_sum, patient
+from metis_cli.train.distributed import (DistributedContext, DistributedError, all_gather_objects, all_reduce_sum,
+                                         broadcast_object, consecutive_groups, patient)
 
 PER_STEP_FIGURES = ("grad_norm", "update_rms")
 """UpdateFigures that are already the step's on every rank (the others are sums of shares)."""
 
 
 # ------------------------------------------------------------------------------ prompts, sampling
-def share(items: list, context: DistributedContext) -> list:
-    """This rank's items: positions rank, rank + N, ... (all of them on one process)."""
-    return items[context.rank :: context.world_size]
+@dataclass(frozen=True)
+class Replicas:
+    """The rollout engines of the job: `size` consecutive ranks per engine (a tensor-parallel vLLM
+    engine; 1: every rank samples on its own), the replica of this rank, its place in it."""
+
+    context: DistributedContext
+    size: int = 1
+    group: Any = None
+    """The process group of this rank's replica (`train.distributed.consecutive_groups`); size > 1."""
+
+    @classmethod
+    def for_recipe(cls, recipe, context: DistributedContext) -> Replicas:
+        """The layout `rollout.vllm.tensor_parallel_size` asks for (`check` has vetted it)."""
+        size = recipe.rollout.vllm.tensor_parallel_size if recipe.rollout.backend == "vllm" else 1
+        size = size if context.enabled else 1
+        return cls(context, size, consecutive_groups(context, size))
+
+    @property
+    def index(self) -> int:
+        return self.context.rank // self.size
+
+    @property
+    def count(self) -> int:
+        return self.context.world_size // self.size
+
+    @property
+    def member(self) -> int:
+        return self.context.rank % self.size
+
+    @property
+    def leader(self) -> int:
+        """The global rank of the replica's first rank."""
+        return self.index * self.size
 
 
-def place(rollouts: list, context: DistributedContext) -> list:
+def share(items: list, replicas: Replicas) -> list:
+    """This rank's replica's items: positions i, i + R, ... of R replicas (every rank's own with
+    tensor parallel 1; all of them on one process)."""
+    return items[replicas.index :: replicas.count]
+
+
+def place(rollouts: list, replicas: Replicas) -> list:
     """Renumber rollouts of `share(items)` (prompt_index = position in the share) to the
     position in `items`, in place; returns them."""
     for rollout in rollouts:
-        rollout.prompt_index = context.rank + rollout.prompt_index * context.world_size
+        rollout.prompt_index = replicas.index + rollout.prompt_index * replicas.count
     return rollouts
 
 
-def rollout_seed(step_seed: int, context: DistributedContext) -> int:
-    return step_seed if not context.enabled else derive_seed(HDPO_STEP_SEED, step_seed, context.rank)
+def own(rollouts: list, replicas: Replicas) -> list:
+    """The placed rollouts this rank scores and trains: every group with tensor parallel 1; with
+    T ranks per replica, the groups at positions member, member + T, ... of the replica's share."""
+    if replicas.size == 1:
+        return rollouts
+    return [r for r in rollouts if (r.prompt_index // replicas.count) % replicas.size == replicas.member]
+
+
+def rollout_seed(step_seed: int, replicas: Replicas) -> int:
+    """One process keeps the step's seed; a replica of several derives its own, the same on each of its ranks."""
+    if not replicas.context.enabled:
+        return step_seed
+    return derive_seed(HDPO_STEP_SEED, step_seed, replicas.index)
+
+
+class LeaderTools:
+    """The tool registry a tensor-parallel replica's rollout engines call: the replica's first
+    rank runs each wave's calls and broadcasts the results, the others wait for them, so all its
+    ranks append the same tool turns (a tool's timing, state or failure may differ between
+    processes; the engine's requests must not). Tool sessions live on the first rank only."""
+
+    def __init__(self, registry, replicas: Replicas):
+        self.registry, self.replicas = registry, replicas
+
+    def execute_many(self, calls: list, sessions: list | None = None, contexts: list | None = None) -> list:
+        outcome = None
+        if self.replicas.member == 0:
+            try:
+                outcome = ("results", self.registry.execute_many(calls, sessions=sessions, contexts=contexts))
+            except Exception as error:  # noqa: BLE001 - the other ranks must not wait for results that never come
+                outcome = ("error", f"{type(error).__name__}: {error}")
+        with patient(self.replicas.context):  # the tools' own time limits bound the wait
+            kind, value = broadcast_object(self.replicas.context, outcome, src=self.replicas.leader,
+                                           group=self.replicas.group)
+        if kind == "error":
+            raise RuntimeError(f"a tool call on rank {self.replicas.leader} failed: {value}")
+        return value
+
+    def end_session(self, session) -> None:
+        if self.replicas.member == 0:
+            self.registry.end_session(session)
+
+    def __getattr__(self, name: str):  # specs(), names(), get(): the registry's
+        return getattr(self.registry, name)
+
+
+class LockstepBackend:
+    """The generation backend of a rank of a tensor-parallel replica: before each call its ranks
+    compare a digest of what they are about to send. Different requests would be a metis bug (the
+    replica's ranks run the same code on the same inputs), and the engine's collectives would
+    pair mismatched batches and hang; this stops the job with a message instead."""
+
+    def __init__(self, backend, replicas: Replicas):
+        self.backend, self.replicas = backend, replicas
+
+    def generate(self, prompts: list, params, **images):
+        import hashlib
+
+        digest = hashlib.sha1(repr((prompts, params, {k: len(v) for k, v in images.items()})).encode()).hexdigest()
+        with patient(self.replicas.context):  # a rank may still be running its tools' share of the wave
+            digests = all_gather_objects(self.replicas.context, digest, group=self.replicas.group)
+        if len(set(digests)) > 1:
+            raise DistributedError(f"the {self.replicas.size} processes of tensor-parallel engine {self.replicas.index} "
+                                   "were about to send it different requests (a metis bug: please report it); "
+                                   "stopping instead of letting the engine hang")
+        return self.backend.generate(prompts, params, **images)
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
 
 
 def rollout_copy(model, device: str, dtype):
@@ -93,6 +205,11 @@ def check(recipe, context: DistributedContext) -> None:
         raise MetisError(f"hdpo.ptx.batch_size ({ptx.batch_size}) is not a multiple of the number of processes "
                          f"({context.world_size}): each process rehearses an equal share of the rows (one FSDP "
                          f"forward each); set it to a multiple of {context.world_size}")
+    tensor_parallel = recipe.rollout.vllm.tensor_parallel_size
+    if recipe.rollout.backend == "vllm" and context.world_size % tensor_parallel:
+        raise MetisError(f"rollout.vllm.tensor_parallel_size ({tensor_parallel}) does not divide the number of "
+                         f"processes ({context.world_size}): each engine spans that many processes; use a divisor "
+                         f"of {context.world_size}, or a multiple of {tensor_parallel} processes")
     if recipe.rollout.backend == "vllm" and recipe.model.lora.enabled:
         raise MetisError("rollout.backend: vllm with model.lora is not wired for several processes yet (the "
                          "adapter would have to be merged from its shards); use rollout.backend: hf with "

@@ -4,8 +4,9 @@ saves to `rollouts/step_<n>.jsonl` (docs/run-folder.md).
 
 The held-out eval answers the same prompts at every pass, so a vision-language policy's eval
 images are read from their files once, at the first pass, and kept for the run. On several
-processes each answers its share of the prompts (`stages.hdpo_dist.share`) and the scores are
-gathered, so every rank gets the same summary. Must not touch the model's weights, the optimizer
+processes each answers its share of the prompts (`stages.hdpo_dist.share`: its replica's, when
+ranks share a tensor-parallel engine) and the scores are gathered, so every rank gets the same
+summary. Must not touch the model's weights, the optimizer
 or the metrics log.
 """
 
@@ -20,11 +21,12 @@ from metis_cli.files import storage_errors, write_atomic
 class HeldOutEval:
     """The held-out prompts of a run and this process's share of them."""
 
-    def __init__(self, examples: list, dist, *, with_images: bool):
+    def __init__(self, examples: list, replicas, *, with_images: bool):
+        """replicas: `stages.hdpo_dist.Replicas`, how the processes share the rollout engines."""
         from metis_cli.stages.hdpo_dist import share
 
-        self.examples, self.dist, self.with_images = examples, dist, with_images
-        self.mine = share(examples, dist)
+        self.examples, self.replicas, self.with_images = examples, replicas, with_images
+        self.mine = share(examples, replicas)
         self._images: list[list] | None = None
 
     def share_images(self) -> list[list] | None:
@@ -38,12 +40,12 @@ class HeldOutEval:
         """One greedy answer per held-out prompt, scored: `rewards.batch.subset_summary`'s figures
         per subset."""
         from metis_cli.rewards.batch import score_rollouts, subset_summary
-        from metis_cli.stages.hdpo_dist import gather, place
+        from metis_cli.stages.hdpo_dist import gather, own, place
 
-        rollouts = place(engine.run([e.messages for e in self.mine], 1, greedy=True,
-                                    images=self.share_images()), self.dist) if self.mine else []
+        rollouts = own(place(engine.run([e.messages for e in self.mine], 1, greedy=True,
+                                        images=self.share_images()), self.replicas), self.replicas) if self.mine else []
         scores = score_rollouts(rollouts, self.examples, checker, reward, retries=retries)
-        rollouts, scores = gather(self.dist, rollouts, scores)
+        rollouts, scores = gather(self.replicas.context, rollouts, scores)
         return subset_summary(rollouts, scores, self.examples)
 
 

@@ -187,26 +187,42 @@ def all_reduce_sum(context: DistributedContext, values: list[float]) -> list[flo
     return totals.tolist()
 
 
-def all_gather_objects(context: DistributedContext, value: Any) -> list[Any]:
-    """Every rank's `value` (picklable), in rank order, on every rank."""
+def all_gather_objects(context: DistributedContext, value: Any, *, group=None) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank (of `group`, a subgroup)."""
     if not context.enabled:
         return [value]
     import torch.distributed as dist
 
-    gathered: list[Any] = [None] * context.world_size
-    dist.all_gather_object(gathered, value)
+    gathered: list[Any] = [None] * (context.world_size if group is None else dist.get_world_size(group))
+    dist.all_gather_object(gathered, value, group=group)
     return gathered
 
 
-def broadcast_object(context: DistributedContext, value: Any = None) -> Any:
-    """Rank 0's `value`, on every rank."""
+def broadcast_object(context: DistributedContext, value: Any = None, *, src: int = 0, group=None) -> Any:
+    """Rank `src`'s `value`, on every rank (of `group`, a subgroup from `consecutive_groups`)."""
     if not context.enabled:
         return value
     import torch.distributed as dist
 
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def consecutive_groups(context: DistributedContext, size: int):
+    """This rank's group of `size` consecutive ranks (ranks 0..size-1, size..2*size-1, ...), a
+    gloo group so it carries Python objects whatever the job's backend; None for size 1. Every
+    rank creates every group, in the same order (torch.distributed's rule for new_group)."""
+    if size <= 1 or not context.enabled:
+        return None
+    import torch.distributed as dist
+
+    mine = None
+    for first in range(0, context.world_size, size):
+        group = dist.new_group(list(range(first, first + size)), backend="gloo")
+        if first <= context.rank < first + size:
+            mine = group
+    return mine
 
 
 def run_on_main(context: DistributedContext, work: Callable[[], Any]) -> Any:
