@@ -315,6 +315,26 @@ def test_killed_vllm_rank_stops_the_job_and_resume_syncs_the_engines(vllm_ready,
 
 @slow
 @pytest.mark.vllm
+def test_two_process_lora_hdpo_streams_the_merged_adapter_into_the_engines(vllm_ready, tmp_path):
+    """model.lora on 2 processes with a vLLM engine each: after every update the FSDP-sharded
+    adapter is gathered and merged into its layer's weight one layer at a time
+    (agent/lora_stream.py) and streamed in; the sampler's log-probs then match the LoRA
+    trainer's at every step. Dropout 0: the trainer's log-probs are taken in train mode, so LoRA
+    dropout alone would put 0.02-0.08 nats between them (one process shows the same)."""
+    output = tmp_path / "hdpo"
+    result = metis("hdpo", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
+                   *vllm_overrides(vllm_ready, output, **{"hdpo.steps": "4", "hdpo.eval_every": "100",
+                                                          "model.lora.enabled": "true", "model.lora.dropout": "0",
+                                                          "hdpo.lr": "2e-2"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = read_metrics(output / "metrics.jsonl")[1:]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and any(r["update_rms"] > 0 for r in steps)
+    assert max(r["logprob_mismatch"] for r in steps) < 1e-3, [r["logprob_mismatch"] for r in steps]
+    assert (output / "final" / "adapter_config.json").exists()
+
+
+@slow
+@pytest.mark.vllm
 def test_two_processes_share_one_tensor_parallel_vllm_engine(vllm_ready, tmp_path):
     """rollout.vllm.tensor_parallel_size 2 on 2 processes: one engine spans both ranks (each holds
     half of every sharded weight). Both must send it the same requests -- the same prompts and
@@ -407,7 +427,6 @@ def test_killed_hdpo_rank_stops_the_job_and_resume_continues(rl_ready, tmp_path)
 @pytest.mark.parametrize("overrides, message", [
     (["hdpo.prompts_per_step=1"], "hdpo.prompts_per_step (1) is below the number of processes (2)"),
     (["hdpo.ptx.batch_size=3"], "hdpo.ptx.batch_size (3) is not a multiple of the number of processes (2)"),
-    (["rollout.backend=vllm", "model.lora.enabled=true"], "rollout.backend: vllm with model.lora"),
     (["rollout.backend=vllm", "rollout.vllm.tensor_parallel_size=4"],
      "rollout.vllm.tensor_parallel_size (4) does not divide the number of processes (2)"),
 ])
@@ -423,6 +442,7 @@ def test_settings_several_processes_cannot_run_are_named(overrides, message):
         check(recipe, two)
     check(recipe, DistributedContext())  # one process runs them all
     check(load_recipe(REPO / "recipes" / "tiny.yaml", ["rollout.backend=vllm"]), two)  # an engine per rank
+    check(load_recipe(REPO / "recipes" / "tiny.yaml", ["rollout.backend=vllm", "model.lora.enabled=true"]), two)
 
 
 # ------------------------------------------------------------------------------ launch flags

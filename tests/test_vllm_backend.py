@@ -402,6 +402,50 @@ def test_a_killed_runs_cpu_shared_memory_is_named_at_start_up(model_dir):
     assert "rm /dev/shm/*cpushm*" in str(error) and "killed earlier run" in str(error)
 
 
+def test_the_streamed_lora_merge_gives_the_same_tensors_one_layer_at_a_time(model_dir):
+    """What several processes stream into their engines (each tensor as FSDP gathers it, in
+    named_parameters order, tied lm_head included) merges to `checkpoint_weights`' tensors, and
+    no more than one layer's parts wait at a time."""
+    from metis_cli.agent.lora_stream import merged_lora_stream
+    from metis_cli.train.distributed import full_state_dict_iter
+
+    recipe = _recipe(model_dir)
+    model = apply_lora(_fresh_model(model_dir), recipe.model.lora)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    expected = checkpoint_weights(model)
+    waiting, most = [], 0
+
+    def watched():
+        for name, tensor in full_state_dict_iter(model, tied_names=True):
+            waiting.append(name)
+            yield name, tensor
+
+    streamed = {}
+    for name, tensor in merged_lora_stream(model, watched()):
+        streamed[name] = tensor
+        most, waiting[:] = max(most, len(waiting)), []
+    assert set(expected) <= set(streamed) and set(streamed) - set(expected) <= {"lm_head.weight"}
+    assert all(torch.allclose(streamed[n], expected[n], atol=1e-6) for n in expected)
+    assert most <= 3  # a layer's base weight, lora_A and lora_B
+    plain = _fresh_model(model_dir)
+    assert list(merged_lora_stream(plain, iter([("a", 1)]))) == [("a", 1)]
+
+
+def test_an_adapter_the_stream_cannot_merge_is_refused(model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from metis_cli.agent.lora_stream import lora_layers
+
+    dora = get_peft_model(_fresh_model(model_dir), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ModelError, match=r"model\.lora: .*DoRA.* cannot be streamed into vLLM"):
+        lora_layers(dora)
+    plain = get_peft_model(_fresh_model(model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert len(lora_layers(plain)) == 4  # 2 layers x 2 projections
+
+
 def test_engine_settings_follow_the_recipe_on_cpu(model_dir):
     kwargs = engine_kwargs(_recipe(model_dir, cpu_kv_cache_gb=0.5), str(model_dir), "cpu")
     assert kwargs["kv_cache_memory_bytes"] == 2**29

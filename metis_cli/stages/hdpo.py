@@ -134,10 +134,9 @@ class HdpoStage(HdpoCheckpoints):
         self.rollout_model = self.model  # one process samples from the very model it trains
         dtype = compute_dtype(self.recipe, self.device) if several else pick_dtype(self.recipe.model.dtype, self.device)
         if several and self.recipe.rollout.backend == "vllm" and hasattr(self.model, "peft_config"):
-            from metis_cli.errors import ModelError
+            from metis_cli.agent.lora_stream import lora_layers
 
-            raise ModelError(f"{field_name}: {path} is a LoRA adapter, and rollout.backend: vllm on several "
-                             "processes syncs full weights only; use rollout.backend: hf with --nproc-per-node")
+            lora_layers(self.model)  # an adapter the weight stream cannot merge is refused here, before training
         if several:  # HF samples from a copy; each rank's vLLM engine holds its own (hdpo_dist)
             self.rollout_model = rollout_copy(self.model, self.device, dtype) if self.recipe.rollout.backend == "hf" else None
             self.model = shard_model(self.model, self.recipe, self.dist)
@@ -257,9 +256,12 @@ class HdpoStage(HdpoCheckpoints):
         elif self.rollout_model is not None:
             copy_full_weights(self.model, self.rollout_model)
             self.backend.update_weights(self.rollout_model)
-        else:  # vLLM: each tensor gathered from the shards on its own, streamed into the engine
-            self.backend.load_weights(full_state_dict_iter(self.model, dtype=compute_dtype(self.recipe, self.device),
-                                                           device=self.device, tied_names=True))
+        else:  # vLLM: each tensor gathered from the shards on its own, streamed into the engine (LoRA merged)
+            from metis_cli.agent.lora_stream import merged_lora_stream
+
+            gathered = full_state_dict_iter(self.model, dtype=compute_dtype(self.recipe, self.device),
+                                            device=self.device, tied_names=True)
+            self.backend.load_weights(merged_lora_stream(self.model, gathered))
 
     def _images(self, examples) -> list[list] | None:
         """Each training prompt's images, read now (a vision-language policy; None for a text-only

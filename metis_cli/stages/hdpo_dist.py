@@ -210,10 +210,6 @@ def check(recipe, context: DistributedContext) -> None:
         raise MetisError(f"rollout.vllm.tensor_parallel_size ({tensor_parallel}) does not divide the number of "
                          f"processes ({context.world_size}): each engine spans that many processes; use a divisor "
                          f"of {context.world_size}, or a multiple of {tensor_parallel} processes")
-    if recipe.rollout.backend == "vllm" and recipe.model.lora.enabled:
-        raise MetisError("rollout.backend: vllm with model.lora is not wired for several processes yet (the "
-                         "adapter would have to be merged from its shards); use rollout.backend: hf with "
-                         "--nproc-per-node, or one process for vllm")
 
 
 def load_sharded(checkpoint, model, optimizer, context: DistributedContext) -> dict:
