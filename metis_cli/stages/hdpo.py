@@ -244,6 +244,7 @@ class HdpoStage(HdpoCheckpoints):
                 device=self.device, reference=self.reference, vision=self.vision,
                 rehearse=self._rehearse if self.rehearsal is not None else None,
             )
+            self.weights.zero_grad()  # the gradients' memory goes back before the engine wakes and the rollouts
         self.sync_weights()
         return figures
 
