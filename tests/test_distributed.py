@@ -390,6 +390,29 @@ def test_a_replicas_ranks_see_the_first_ranks_tool_results_and_send_the_same_req
 
 
 @slow
+@pytest.mark.vllm
+def test_four_processes_run_two_tensor_parallel_engines(vllm_ready, tmp_path):
+    """4 processes, tensor_parallel_size 2: two engines of two ranks each (vLLM orders its groups
+    TP-fastest: ranks 0-1 and 2-3, the layout `Replicas` assumes). Each engine samples its
+    replica's 2 of the 4 prompts, its ranks train one group each: every rollout saved and trained
+    once, log-probs matching after every sync."""
+    output = tmp_path / "hdpo"
+    result = metis("hdpo", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "4",
+                   *vllm_overrides(vllm_ready, output, **{"hdpo.steps": "2", "hdpo.eval_every": "100",
+                                                          "hdpo.prompts_per_step": "4", "hdpo.samples_to_save": "32",
+                                                          "rollout.vllm.tensor_parallel_size": "2"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = read_metrics(output / "metrics.jsonl")[1:]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["world_size"] == 4 for r in steps)
+    assert all(r["rollouts_trained"] <= 32 for r in steps) and any(r["update_rms"] > 0 for r in steps), steps
+    assert max(r["logprob_mismatch"] for r in steps) < 1e-3, [r["logprob_mismatch"] for r in steps]
+    for saved in sorted((output / "rollouts").glob("step_*.jsonl")):
+        lines = [json.loads(line) for line in saved.read_text().splitlines()]
+        samples = sorted(line["sample"] for line in lines)  # the 4 prompts' 8 samples each, once
+        assert samples == sorted(list(range(8)) * 4), (saved, samples)
+
+
+@slow
 def test_one_hdpo_update_on_two_processes_equals_one_process(tiny_model_dir):
     result = torchrun_worker("hdpo_update_worker.py", tiny_model_dir)
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
