@@ -1,10 +1,11 @@
 """Run under torchrun on 2 processes (tests/test_distributed.py): the ranks of one tensor-parallel
 replica (`stages.hdpo_dist.Replicas` of size 2) see the first rank's tool results, and a
-`LockstepBackend` lets a wave through only when both ranks send the same requests. Prints one
-JSON line per rank."""
+`LockstepBackend` lets a wave through only when both ranks send the same requests. Writes
+FOLDER/report_<rank>.json (FOLDER: the first argument)."""
 
 import json
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -56,9 +57,10 @@ def main() -> None:
         mismatch = str(error)
     mine = share(list(range(6)), replicas)
     trained = [r.prompt_index for r in own(place([Rollout(i) for i in range(len(mine))], replicas), replicas)]
-    print(json.dumps({"rank": context.rank, "results": results, "ran": registry.ran, "ended": registry.ended,
-                      "specs": tools.specs(), "same": same, "mismatch": mismatch, "share": mine, "trained": trained}))
-    sys.stdout.flush()
+    report = {"rank": context.rank, "results": results, "ran": registry.ran, "ended": registry.ended,
+              "specs": tools.specs(), "same": same, "mismatch": mismatch, "share": mine, "trained": trained}
+    # a file per rank: two ranks printing at once can interleave their lines on torchrun's stdout
+    (Path(sys.argv[1]) / f"report_{context.rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 

@@ -107,13 +107,19 @@ class SftStage:
     def _setup_packing(self) -> None:
         """`sft.packing`, once the packed layout is shown to give this model's padded losses."""
         from metis_cli.train import sft_batch
+        from metis_cli.train.distributed import broadcast_object, compute_dtype, reshard
 
-        # Several processes: unpacked (the packing check's forward on an FSDP-sharded model leaves
-        # its root unsharded; packing under FSDP is not validated yet).
-        self.packing = self.cfg.packing and not self.dist.enabled
+        self.packing = self.cfg.packing
         if self.packing:
+            # Several processes: every rank runs the check's forwards (FSDP collectives) on the same
+            # rows, and rank 0's verdict holds for all; the root's parameters, left gathered by a
+            # forward without backward, go back to their shards.
+            dtype = compute_dtype(self.recipe, self.device) if self.dist.enabled else None
             reason = sft_batch.check_packing(self.model, self.phases[0], pad_id=self.tokenizer.pad_token_id,
-                                             device=self.device)
+                                             device=self.device, dtype=dtype)
+            reason = broadcast_object(self.dist, reason)
+            if self.dist.enabled:
+                reshard(self.model)
             if reason:
                 self.packing = False
                 if not self.quiet:

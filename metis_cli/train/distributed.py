@@ -327,7 +327,7 @@ def full_state_dict_iter(model, *, dtype=None, device: str = "cpu", trainable_on
     each other name the state dict has for them (`lm_head.weight` of a model with tied
     embeddings: an engine such as vLLM's CPU backend keeps its own copy of it). Names are the
     model's own (for a transformers model: those its safetensors files use)."""
-    _reshard(model)
+    reshard(model)
     state = model.state_dict(keep_vars=True) if tied_names or not trainable_only else {}
     aliases: dict[int, list[str]] = {}
     if tied_names:
@@ -364,7 +364,7 @@ def copy_full_weights(model, target) -> None:
             own[name].copy_(tensor)
 
 
-def _reshard(model) -> None:
+def reshard(model) -> None:
     """Put every FSDP module back to its sharded parameters. A forward without backward (eval
     under no_grad) leaves the root's parameters gathered, as plain bf16 tensors whose memory
     FSDP frees later: those must not be read as weights."""

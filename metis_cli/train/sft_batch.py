@@ -289,9 +289,10 @@ def _chunked(model, targets: torch.Tensor, chunk: int):
     return logit_chunks.chunked_head(model, targets, temperature=1.0, with_entropy=False, chunk=chunk)
 
 
-def check_packing(model, rows: list, *, pad_id: int, device) -> str | None:
+def check_packing(model, rows: list, *, pad_id: int, device, dtype=None) -> str | None:
     """None when the packed layout reproduces the padded one's per-token losses on `rows` (the
-    first `CHECK_ROWS` text rows), else why not (packing is then turned off)."""
+    first `CHECK_ROWS` text rows), else why not (packing is then turned off). `dtype`: the dtype
+    the forward computes in when it is not the parameters' (FSDP's bf16 over fp32 shards)."""
     rows = list(islice((row for row in rows if is_packable(row) and _targets(*row)), CHECK_ROWS))
     if len(rows) < 2:
         return None
@@ -304,7 +305,7 @@ def check_packing(model, rows: list, *, pad_id: int, device) -> str | None:
         return f"the packed forward failed ({type(error).__name__}: {error})"
     finally:
         model.train(was_training)
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     tolerance = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE_LOW_PRECISION)
     if packed.shape != padded.shape:
         return f"the packed forward scored {packed.numel()} tokens, the padded one {padded.numel()}"
