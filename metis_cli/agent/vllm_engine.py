@@ -102,6 +102,8 @@ def start_engine(kwargs: dict, recipe, *, path_field: str = "model.name_or_path"
     global _engine_running
     if _engine_running:
         raise RuntimeError("a vLLM engine already runs in this process; close() its backend before starting another")
+    if kwargs.get("tensor_parallel_size", 1) > 1 and "gpu_memory_utilization" not in kwargs:
+        _clear_stale_cpu_shm()
     llm = None
     with _process_state_kept():
         try:
@@ -112,6 +114,40 @@ def start_engine(kwargs: dict, recipe, *, path_field: str = "model.name_or_path"
         except Exception as error:  # noqa: BLE001 - any start-up failure is reported as the user's to fix
             release_engine(llm)
             raise startup_error(error, kwargs, recipe, path_field) from error
+
+
+SHM_FOLDER = "/dev/shm"
+CPU_SHM_PATTERN = "*cpushm_*"
+"""vLLM-CPU's tensor-parallel engines put their collectives in shared memory named alike in every
+run on a machine (`<ident>-tp:0-[0-1]-cpushm_<rank>`); a killed run leaves it behind, and the next
+engine's start fails with EEXIST."""
+
+
+def _clear_stale_cpu_shm(folder: str = SHM_FOLDER) -> list[str]:
+    """Before a CPU tensor-parallel engine starts: remove the vLLM-CPU shared-memory segments that
+    no living process maps (a killed run's), so `--resume` after a kill -9 can start its engines;
+    the names removed. One process per machine looks (local rank 0) while the others wait at a
+    barrier, so none can remove a segment a partner has just created and not yet mapped."""
+    import torch.distributed as dist
+    from pathlib import Path
+
+    removed = []
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        candidates = set(Path(folder).glob(CPU_SHM_PATTERN))
+        if candidates:
+            mapped = set()
+            for maps in Path("/proc").glob("[0-9]*/maps"):
+                try:
+                    text = maps.read_text()
+                except OSError:  # a process that ended, or one of another user's
+                    continue
+                mapped |= {path for path in candidates if str(path) in text}
+            for path in sorted(candidates - mapped):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+    if several_processes():
+        dist.barrier()
+    return removed
 
 
 def _first_token(llm) -> None:
@@ -134,8 +170,8 @@ def startup_error(error: Exception, kwargs: dict, recipe, path_field: str) -> Ex
     if "create shm" in lowered and "errno: 17" in lowered:
         return ModelError(
             "rollout.vllm.tensor_parallel_size: vLLM's CPU tensor-parallel engine found its shared memory "
-            "already taken (/dev/shm/*-cpushm_*): a killed earlier run left it. If no other tensor-parallel "
-            "vLLM runs on this machine, remove those files (rm /dev/shm/*cpushm*) and start again"
+            "(/dev/shm/*cpushm_*) in use by another run on this machine (a killed run's is cleared at start): "
+            "CPU tensor-parallel engines of two runs cannot share a machine; wait for the other run or stop it"
         )
     if "no available memory for the cache blocks" in lowered or "try increasing" in lowered:
         return RecipeError([
