@@ -30,8 +30,17 @@ slow = pytest.mark.slow
 
 
 def metis(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "metis_cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    """`metis ARGS` in its own process group; on a timeout the whole group (torchrun and every
+    rank) is killed, so a hung job fails its test without outliving it and slowing the rest."""
+    process = subprocess.Popen([sys.executable, "-m", "metis_cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def torchrun_worker(script: str, model_dir: Path) -> subprocess.CompletedProcess:
