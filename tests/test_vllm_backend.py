@@ -404,7 +404,7 @@ def test_cpu_shared_memory_held_by_another_run_is_named_at_start_up(model_dir):
 
 def test_the_streamed_lora_merge_gives_the_same_tensors_one_layer_at_a_time(model_dir):
     """What several processes stream into their engines (each tensor as FSDP gathers it, in
-    named_parameters order, tied lm_head included) merges to `checkpoint_weights`' tensors, and
+    named_parameters order, tied lm_head included) merges to peft's merge_and_unload tensors, and
     no more than one layer's parts wait at a time."""
     from metis_cli.agent.lora_stream import merged_lora_stream
     from metis_cli.train.distributed import full_state_dict_iter
@@ -415,7 +415,7 @@ def test_the_streamed_lora_merge_gives_the_same_tensors_one_layer_at_a_time(mode
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1)
-    expected = checkpoint_weights(model)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
     waiting, most = [], 0
 
     def watched():
@@ -440,7 +440,7 @@ def test_an_adapter_the_stream_cannot_merge_is_refused(model_dir):
     from metis_cli.agent.lora_stream import lora_layers
 
     dora = get_peft_model(_fresh_model(model_dir), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(ModelError, match=r"model\.lora: .*DoRA.* cannot be streamed into vLLM"):
+    with pytest.raises(ModelError, match=r"model\.lora: .*DoRA.* cannot be merged into the weights a vLLM"):
         lora_layers(dora)
     plain = get_peft_model(_fresh_model(model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert len(lora_layers(plain)) == 4  # 2 layers x 2 projections

@@ -2,8 +2,8 @@
 layer (W + scaling * B @ A) under the base model's names, built from the (name, full tensor)
 pairs of the trainer's model one layer at a time -- the stream several processes gather from
 their FSDP shards (`train.distributed.full_state_dict_iter`), so no rank holds the whole merged
-model outside its engine. One process merges from the unsharded model instead
-(agent/vllm_backend.py `checkpoint_weights`); both give the same tensors.
+model outside its engine. One process feeds it the unsharded model's state dict
+(agent/vllm_backend.py `checkpoint_weights`).
 
 Only plain LoRA on linear layers merges from its parameters alone; DoRA, and adapters on
 embeddings or convolutions, are refused by `lora_layers` with a message.
@@ -22,8 +22,9 @@ def merged_lora_stream(model, named_tensors) -> Iterator[tuple[str, Any]]:
     tensor) pairs of `model` in `named_parameters` order, e.g. gathered from the FSDP shards one at
     a time (`train.distributed.full_state_dict_iter`). For a peft LoRA model each adapted layer's
     weight comes out once its base weight and adapters have passed, merged (W + scaling * B @ A,
-    what `checkpoint_weights` gives), under the base model's own name, so at most one layer's
-    tensors are held at a time; other tensors pass through renamed. Any other model: unchanged."""
+    as peft's merge_and_unload; a layer peft has merged already passes as it is), under the base
+    model's own name, so at most one layer's tensors are held at a time; other tensors pass
+    through renamed. Any other model: unchanged."""
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
@@ -42,7 +43,7 @@ def merged_lora_stream(model, named_tensors) -> Iterator[tuple[str, Any]]:
         parts = pending.setdefault(owner, {})
         parts["weight" if ".base_layer." in name else name[len(owner) + 1 :]] = tensor
         module = layers[owner]
-        adapters = [a for a in module.active_adapters if a in module.lora_A]
+        adapters = [] if module.merged else [a for a in module.active_adapters if a in module.lora_A]
         needed = ["weight", *(f"lora_{ab}.{a}.weight" for a in adapters for ab in "AB")]
         if all(key in parts for key in needed):
             merged = parts["weight"].clone()
@@ -66,9 +67,9 @@ def lora_layers(model) -> dict:
             continue
         if not isinstance(module, Linear) or any(module.use_dora.get(a) for a in module.active_adapters):
             raise ModelError(f"model.lora: the adapter on {name} ({type(module).__name__}"
-                             f"{', DoRA' if isinstance(module, Linear) else ''}) cannot be streamed into vLLM "
-                             "engines on several processes, only plain LoRA on linear layers; use "
-                             "rollout.backend: hf with --nproc-per-node")
+                             f"{', DoRA' if isinstance(module, Linear) else ''}) cannot be merged into the "
+                             "weights a vLLM engine serves, only plain LoRA on linear layers; use "
+                             "rollout.backend: hf")
         layers[name] = module
     return layers
 

@@ -261,30 +261,11 @@ def _to_generation(completion) -> Generation:
 
 def checkpoint_weights(model) -> dict:
     """{checkpoint name: tensor} of `model` as vLLM loads it: a peft LoRA model's adapters are
-    merged per layer (base + delta), names as in the base model's own `save_pretrained`."""
-    import torch
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
+    merged per layer (base + delta), names as in the base model's own `save_pretrained`
+    (agent/lora_stream.py, over the unsharded model's state dict)."""
+    from metis_cli.agent.lora_stream import merged_lora_stream
 
-    if not isinstance(model, PeftModel):
-        return {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    base = model.get_base_model()
-    weights = {}
-    with torch.no_grad():
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer):
-                layer = module.get_base_layer()
-                merged = layer.weight.detach().clone()
-                if not module.merged:
-                    for adapter in module.active_adapters:
-                        if adapter in module.lora_A:
-                            merged += module.get_delta_weight(adapter).to(merged.dtype)
-                weights[f"{name}.weight"] = merged
-        for name, tensor in base.state_dict().items():
-            if ".lora_" in name:
-                continue
-            weights.setdefault(name.replace(".base_layer.", "."), tensor.detach())
-    return weights
+    return dict(merged_lora_stream(model, ((name, tensor.detach()) for name, tensor in model.state_dict().items())))
 
 
 def _tokens_prompt(tokens_prompt, prompt: list[int], images: list | None):
