@@ -293,6 +293,15 @@ def vllm_overrides(folder: Path, output: Path, **extra: str) -> list[str]:
                                                   "hdpo.output": str(output), **extra})
 
 
+def vllm_hdpo(folder: Path, output: Path, processes: int, **extra: str) -> list[dict]:
+    """`metis hdpo` on `processes` ranks with vLLM engines (`vllm_overrides`); it must succeed.
+    Its metrics rows, step 0's eval row first."""
+    result = metis("hdpo", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", str(processes),
+                   *vllm_overrides(folder, output, **extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(output / "metrics.jsonl")
+
+
 @slow
 @pytest.mark.vllm
 def test_two_process_hdpo_on_vllm_engines_gets_the_trained_weights_every_step(vllm_ready, tmp_path):
@@ -301,10 +310,7 @@ def test_two_process_hdpo_on_vllm_engines_gets_the_trained_weights_every_step(vl
     every step. An engine left on the start weights shows a mismatch far above float rounding
     (with the sync left out: 0.8-1.0 nats from step 2; with the tied lm_head left out of the
     stream: 0.1)."""
-    result = metis("hdpo", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
-                   *vllm_overrides(vllm_ready, tmp_path / "hdpo", **{"hdpo.steps": "4", "hdpo.eval_every": "4"}))
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_metrics(tmp_path / "hdpo" / "metrics.jsonl")
+    records = vllm_hdpo(vllm_ready, tmp_path / "hdpo", 2, **{"hdpo.steps": "4", "hdpo.eval_every": "4"})
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     steps = records[1:]
     assert all(r["world_size"] == 2 for r in steps) and any(r["update_rms"] > 0 for r in steps)
@@ -344,12 +350,8 @@ def test_two_process_lora_hdpo_streams_the_merged_adapter_into_the_engines(vllm_
     trainer's at every step. Dropout 0: the trainer's log-probs are taken in train mode, so LoRA
     dropout alone would put 0.02-0.08 nats between them (one process shows the same)."""
     output = tmp_path / "hdpo"
-    result = metis("hdpo", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
-                   *vllm_overrides(vllm_ready, output, **{"hdpo.steps": "4", "hdpo.eval_every": "100",
-                                                          "model.lora.enabled": "true", "model.lora.dropout": "0",
-                                                          "hdpo.lr": "2e-2"}))
-    assert result.returncode == 0, result.stderr[-3000:]
-    steps = read_metrics(output / "metrics.jsonl")[1:]
+    steps = vllm_hdpo(vllm_ready, output, 2, **{"hdpo.steps": "4", "hdpo.eval_every": "100", "hdpo.lr": "2e-2",
+                                                 "model.lora.enabled": "true", "model.lora.dropout": "0"})[1:]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and any(r["update_rms"] > 0 for r in steps)
     assert max(r["logprob_mismatch"] for r in steps) < 1e-3, [r["logprob_mismatch"] for r in steps]
     assert (output / "final" / "adapter_config.json").exists()
@@ -365,11 +367,8 @@ def test_two_processes_share_one_tensor_parallel_vllm_engine(vllm_ready, tmp_pat
     per step training each of the step's 16 rollouts at most once, both prompts in the saved samples, and
     the sampler's log-probs matching the trainer's after every weight sync (each rank's slices)."""
     output = tmp_path / "hdpo"
-    result = metis("hdpo", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "2",
-                   *vllm_overrides(vllm_ready, output, **{"hdpo.steps": "3", "hdpo.eval_every": "3",
-                                                          "rollout.vllm.tensor_parallel_size": "2"}))
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = read_metrics(output / "metrics.jsonl")
+    records = vllm_hdpo(vllm_ready, output, 2, **{"hdpo.steps": "3", "hdpo.eval_every": "3",
+                                                   "rollout.vllm.tensor_parallel_size": "2"})
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     steps = records[1:]
     assert all(r["world_size"] == 2 and r["rollouts_trained"] <= 16 for r in steps), steps  # none twice
@@ -419,12 +418,9 @@ def test_four_processes_run_two_tensor_parallel_engines(vllm_ready, tmp_path):
     replica's 2 of the 4 prompts, its ranks train one group each: every rollout saved and trained
     once, log-probs matching after every sync."""
     output = tmp_path / "hdpo"
-    result = metis("hdpo", "recipes/tiny.yaml", "--quiet", "--nproc-per-node", "4",
-                   *vllm_overrides(vllm_ready, output, **{"hdpo.steps": "2", "hdpo.eval_every": "100",
-                                                          "hdpo.prompts_per_step": "4", "hdpo.samples_to_save": "32",
-                                                          "rollout.vllm.tensor_parallel_size": "2"}))
-    assert result.returncode == 0, result.stderr[-3000:]
-    steps = read_metrics(output / "metrics.jsonl")[1:]
+    steps = vllm_hdpo(vllm_ready, output, 4, **{"hdpo.steps": "2", "hdpo.eval_every": "100",
+                                                 "hdpo.prompts_per_step": "4", "hdpo.samples_to_save": "32",
+                                                 "rollout.vllm.tensor_parallel_size": "2"})[1:]
     assert [r["step"] for r in steps] == [1, 2] and all(r["world_size"] == 4 for r in steps)
     assert all(r["rollouts_trained"] <= 32 for r in steps) and any(r["update_rms"] > 0 for r in steps), steps
     assert max(r["logprob_mismatch"] for r in steps) < 1e-3, [r["logprob_mismatch"] for r in steps]
