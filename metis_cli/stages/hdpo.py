@@ -133,10 +133,10 @@ class HdpoStage(HdpoCheckpoints):
                                                  field=field_name)
         self.rollout_model = self.model  # one process samples from the very model it trains
         dtype = compute_dtype(self.recipe, self.device) if several else pick_dtype(self.recipe.model.dtype, self.device)
-        if several and self.recipe.rollout.backend == "vllm" and hasattr(self.model, "peft_config"):
+        if self.recipe.rollout.backend == "vllm" and hasattr(self.model, "peft_config"):
             from metis_cli.agent.lora_stream import lora_layers
 
-            lora_layers(self.model)  # an adapter the weight stream cannot merge is refused here, before training
+            lora_layers(self.model)  # an adapter the engines' weight sync cannot merge is refused before training
         if several:  # HF samples from a copy; each rank's vLLM engine holds its own (hdpo_dist)
             self.rollout_model = rollout_copy(self.model, self.device, dtype) if self.recipe.rollout.backend == "hf" else None
             self.model = shard_model(self.model, self.recipe, self.dist)
